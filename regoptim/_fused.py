@@ -1,0 +1,153 @@
+"""Dispatch of ``fused=True`` steps to the backend that serves a (device, dtype) group.
+
+* CUDA tensors, or CPU tensors while ``TRITON_INTERPRET=1``: the Triton kernels
+  (``regoptim._kernels``).
+* CPU tensors otherwise: the fused CPU kernel (``regoptim._cpu_fused``).
+
+Both backends expose the same two functions with the signatures below; the optimizers call
+:func:`fused_prox_sgd_` / :func:`fused_prox_adam_` once per (device, dtype) group.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+__all__ = ["fused_backend", "fused_prox_adam_", "fused_prox_sgd_", "fused_unavailable_reason"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_backend(device_type: str) -> str:
+    """Name of the backend ``fused=True`` uses for tensors on ``device_type``."""
+    if device_type == "cuda" or (device_type == "cpu" and _interpreting()):
+        return "triton"
+    if device_type == "cpu":
+        return "cpu"
+    return "none"
+
+
+def fused_unavailable_reason(device_type: str) -> str | None:
+    """``None`` if ``fused=True`` can run on ``device_type``, else a message saying what it needs."""
+    backend = fused_backend(device_type)
+    if backend == "triton":
+        try:
+            from regoptim._kernels import available
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            return f"fused=True on {device_type} needs the Triton kernels: {exc}"
+        return available()
+    if backend == "cpu":
+        try:
+            from regoptim._cpu_fused import available as cpu_available
+        except ImportError as exc:
+            return f"fused=True on CPU needs the fused CPU kernel: {exc}"
+        return cpu_available()
+    return (
+        f"fused=True supports CUDA tensors (Triton) and CPU tensors, not device type "
+        f"'{device_type}'; use fused=None"
+    )
+
+
+def fused_prox_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    l1: float,
+    is_first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One ProxSGD step for tensors of one device and dtype (see ``ProxSGD`` for the math).
+
+    ``momentum_buffers`` is ``None`` when ``momentum == 0``; otherwise one buffer per parameter,
+    freshly allocated (contents undefined) when ``is_first_step``. ``lr`` may be a 1-element tensor
+    on the params' device. ``grad_scale``/``found_inf`` follow torch's fused-optimizer protocol: the
+    kernel divides the gradient by ``grad_scale`` and, where ``found_inf != 0``, leaves parameters
+    and state untouched.
+    """
+    backend = _backend_module(params[0].device.type)
+    backend.fused_prox_sgd_(
+        params,
+        grads,
+        momentum_buffers,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        l1=l1,
+        is_first_step=is_first_step,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def fused_prox_adam_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    l1: float,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One ProxAdam/ProxAdamW step for tensors of one device and dtype (see ``ProxAdam``).
+
+    ``state_steps`` are float32 0-d tensors on the params' device, incremented here (not when
+    ``found_inf`` is set). ``max_exp_avg_sqs`` is ``None`` unless ``amsgrad``.
+    """
+    backend = _backend_module(params[0].device.type)
+    backend.fused_prox_adam_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        l1=l1,
+        maximize=maximize,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def _backend_module(device_type: str):  # noqa: ANN202 - returns a module
+    reason = fused_unavailable_reason(device_type)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if fused_backend(device_type) == "triton":
+        import regoptim._kernels as mod
+    else:
+        import regoptim._cpu_fused as mod
+    return mod

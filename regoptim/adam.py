@@ -1,0 +1,556 @@
+r"""ProxAdam and ProxAdamW: torch.optim.Adam/AdamW with a proximal L1 step in Adam's metric."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.optim.adam as _torch_adam
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from regoptim.optimizer import (
+    Impl,
+    ProxOptimizer,
+    group_tensors,
+    resolve_impl,
+    unscale_or_skip,
+    validate_betas,
+    validate_flag,
+    validate_lr,
+    validate_non_negative,
+    validate_optional_flag,
+)
+from regoptim.prox import soft_threshold_
+
+__all__ = ["ProxAdam", "ProxAdamW", "prox_adam"]
+
+
+class ProxAdam(ProxOptimizer):
+    r"""Adam with coupled L2 or decoupled weight decay and a proximal L1 step in Adam's metric.
+
+    A drop-in replacement for :class:`torch.optim.Adam` (and, with
+    ``decoupled_weight_decay=True``, for :class:`torch.optim.AdamW`): same arguments, defaults,
+    state keys (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and ``state_dict``
+    format. With ``l1=0`` it computes exactly what torch computes.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)}, \beta_1, \beta_2 \text{ (betas)},
+                \theta_0 \text{ (params)}, f(\theta) \text{ (objective)},
+                \lambda \text{ (weight decay)}, \kappa \text{ (l1)}, \epsilon,
+                \textit{amsgrad}, \textit{maximize}, \textit{decoupled} \\
+            &m_0 \leftarrow 0,\ v_0 \leftarrow 0,\ \hat v^{max}_0 \leftarrow 0 \\
+            &\textbf{for}\ t=1\ \textbf{to}\ \ldots\ \textbf{do} \\
+            &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
+                \quad (g_t \leftarrow -g_t \textbf{ if } \textit{maximize}) \\
+            &\quad \textbf{if}\ \lambda \neq 0 \textbf{ and not } \textit{decoupled}:
+                \ g_t \leftarrow g_t + \lambda\theta_{t-1} && \text{1. coupled L2} \\
+            &\quad \textbf{if}\ \lambda \neq 0 \textbf{ and } \textit{decoupled}:
+                \ \theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)
+                && \text{3. decoupled decay} \\
+            &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+            &\quad v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+            &\quad \hat v_t \leftarrow \max(\hat v^{max}_{t-1}, v_t)
+                \textbf{ if } \textit{amsgrad} \textbf{ else } v_t \\
+            &\quad d_t \leftarrow \sqrt{\hat v_t} / \sqrt{1-\beta_2^t} + \epsilon \\
+            &\quad \theta_t \leftarrow \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\, m_t / d_t \\
+            &\quad \textbf{if}\ \kappa \neq 0:
+                \ \theta_t \leftarrow \operatorname{sign}(\theta_t)
+                \max(|\theta_t| - \gamma\kappa / d_t,\ 0) && \text{5. proximal L1} \\
+            &\textbf{return}\ \theta_t
+       \end{aligned}
+
+    The moments, bias corrections and amsgrad are exactly torch's. Step 5 is the exact proximal
+    operator of :math:`\kappa\|\theta\|_1` in the metric of the preconditioned step
+    (:math:`\operatorname{diag}(d_t)/\gamma`), as in ProxGen's AdamL1: each weight is
+    soft-thresholded by :math:`\gamma\kappa/d_t`, with :math:`d_t` the same denominator the update
+    used (the running max of :math:`v` under amsgrad). Weights the data do not support land on
+    exact zeros.
+
+    Args:
+        params: iterable of parameters or named parameters to optimize, or of dicts defining
+            parameter groups (every hyperparameter below may differ per group).
+        lr: learning rate, a float or a 1-element tensor (default: 1e-3).
+        betas: coefficients of the running averages of the gradient and its square, each in
+            [0, 1) (default: (0.9, 0.999)).
+        eps: term added to the denominator (default: 1e-8).
+        weight_decay: weight decay :math:`\lambda` (default: 0).
+        amsgrad: use the running maximum of :math:`v` (default: False).
+        decoupled_weight_decay: AdamW's decoupled decay instead of the coupled L2 gradient
+            (default: False).
+        l1: L1 strength :math:`\kappa` of the proximal step (default: 0).
+        maximize: maximize the objective instead of minimizing it (default: False).
+        foreach: use torch's foreach implementation (``None``: pick, as torch does). As in torch,
+            a tensor ``lr`` cannot be combined with ``foreach=True``.
+        fused: use regoptim's fused kernels: Triton on CUDA (also on CPU under
+            ``TRITON_INTERPRET=1``), the fused C++ kernel on CPU. ``None`` (default): the Triton
+            kernels for CUDA parameters when triton is installed; on CPU, torch's fused Adam kernel
+            plus one pass for the prox.
+
+    Note:
+        For complex parameters torch keeps the moments per real and imaginary component; the prox
+        shrinks each entry's modulus by :math:`\gamma\kappa/d`, with :math:`d` the mean of the two
+        components' denominators. Sparse gradients are rejected, as by ``torch.optim.Adam``.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        decoupled_weight_decay: bool = False,
+        l1: float = 0.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(betas, list):
+            betas = (betas[0], betas[1]) if len(betas) == 2 else betas
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "l1": l1,
+            "maximize": maximize,
+            "foreach": foreach,
+            "fused": fused,
+            "capturable": False,
+            "differentiable": False,
+        }
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        validate_lr(group["lr"])
+        validate_betas(group["betas"])
+        validate_non_negative(group["eps"], "eps")
+        validate_non_negative(group["weight_decay"], "weight_decay")
+        validate_non_negative(group["l1"], "l1")
+        validate_flag(group["amsgrad"], "amsgrad")
+        validate_flag(group["decoupled_weight_decay"], "decoupled_weight_decay")
+        validate_flag(group["maximize"], "maximize")
+        validate_optional_flag(group["foreach"], "foreach")
+        validate_optional_flag(group["fused"], "fused")
+        if group["foreach"] and isinstance(group["lr"], Tensor):
+            raise ValueError(
+                f"Invalid learning rate: a Tensor lr ({group['lr']!r}) is not supported with "
+                "foreach=True (as in torch.optim.Adam); use a float or foreach=None"
+            )
+        if group["fused"] and group["foreach"]:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", self._default_decoupled())
+            group.setdefault("l1", 0.0)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
+
+    @staticmethod
+    def _default_decoupled() -> bool:
+        return False
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        impl: Impl,
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        has_complex = False
+        on_device_steps = impl in ("fused", "torch_fused")
+        for p in params:
+            has_complex |= torch.is_complex(p)
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(
+                    "ProxAdam does not support sparse gradients (as torch.optim.Adam); "
+                    "use dense gradients or ProxSGD"
+                )
+            grads.append(p.grad)  # type: ignore[arg-type]
+            state = self.state[p]
+            if len(state) == 0:
+                # torch's placement: a float32 step on the param's device for fused kernels,
+                # a CPU scalar otherwise
+                state["step"] = (
+                    torch.zeros((), dtype=torch.float32, device=p.device)
+                    if on_device_steps
+                    else torch.tensor(0.0, dtype=_scalar_dtype())
+                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+            elif on_device_steps and (
+                state["step"].device != p.device or state["step"].dtype != torch.float32
+            ):
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                # amsgrad switched on mid-run: the running max starts from the current v
+                state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            state_steps.append(state["step"])
+        return has_complex
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss (``None`` without one)."""
+        return self._step_groups(closure, self._step_group)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads_probe = [p.grad for p in params]
+        impl = resolve_impl(params, grads_probe, foreach=group["foreach"], fused=group["fused"])  # type: ignore[arg-type]
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        max_exp_avg_sqs: list[Tensor] = []
+        state_steps: list[Tensor] = []
+        has_complex = self._init_group(
+            group, impl, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+        )
+        beta1, beta2 = group["betas"]
+        _IMPLS[impl](
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            state_steps,
+            getattr(self, "grad_scale", None),
+            getattr(self, "found_inf", None),
+            amsgrad=group["amsgrad"],
+            has_complex=has_complex,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            l1=group["l1"],
+        )
+
+
+class ProxAdamW(ProxAdam):
+    r"""ProxAdam with decoupled weight decay: :class:`torch.optim.AdamW` plus a proximal L1 step.
+
+    Same math as :class:`ProxAdam` with ``decoupled_weight_decay=True`` (and AdamW's default
+    ``weight_decay=1e-2``); with ``l1=0`` it computes exactly what ``torch.optim.AdamW`` computes.
+
+    Args:
+        params: iterable of parameters or named parameters, or of dicts defining groups.
+        lr: learning rate, a float or a 1-element tensor (default: 1e-3).
+        betas: running-average coefficients, each in [0, 1) (default: (0.9, 0.999)).
+        eps: term added to the denominator (default: 1e-8).
+        weight_decay: decoupled weight decay coefficient (default: 1e-2).
+        amsgrad: use the running maximum of the second moment (default: False).
+        l1: L1 strength of the proximal step in Adam's metric (default: 0).
+        maximize: maximize the objective instead of minimizing it (default: False).
+        foreach: use torch's foreach implementation (``None``: pick).
+        fused: use regoptim's fused kernels (``None``: pick; see :class:`ProxAdam`).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        l1: float = 0.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            decoupled_weight_decay=True,
+            l1=l1,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
+
+    @staticmethod
+    def _default_decoupled() -> bool:
+        return True
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # as torch.optim.AdamW: any state loaded into ProxAdamW decays decoupled
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+def prox_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    has_complex: bool = False,
+    decoupled_weight_decay: bool = False,
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    l1: float = 0.0,
+) -> None:
+    """Functional ProxAdam: picks the implementation and runs one step. See :class:`ProxAdam`.
+
+    The state tensors must already exist (zeros and a 0-d ``step`` tensor on the first step).
+    """
+    if not params:
+        return
+    impl = resolve_impl(params, grads, foreach=foreach, fused=fused)
+    _IMPLS[impl](
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        grad_scale,
+        found_inf,
+        amsgrad=amsgrad,
+        has_complex=has_complex,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        l1=l1,
+    )
+
+
+def _eager_prox_adam(
+    impl: Impl,
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    *,
+    amsgrad: bool,
+    has_complex: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    l1: float,
+) -> None:
+    # torch.optim's own Adam does everything but the prox, which follows in a second pass that
+    # rebuilds the update's denominator from the state torch just wrote.
+    if (grad_scale is not None or found_inf is not None) and unscale_or_skip(
+        grads, grad_scale, found_inf
+    ):
+        return
+    _torch_adam.adam(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        foreach=impl == "foreach",
+        fused=impl == "torch_fused",
+        has_complex=has_complex,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+    )
+    if l1 != 0:
+        _adam_prox_l1_(
+            params,
+            max_exp_avg_sqs if amsgrad else exp_avg_sqs,
+            state_steps,
+            lr=lr,
+            beta2=beta2,
+            eps=eps,
+            l1=l1,
+            foreach=impl in ("foreach", "torch_fused"),
+        )
+
+
+def _adam_prox_l1_(
+    params: list[Tensor],
+    second_moments: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta2: float,
+    eps: float,
+    l1: float,
+    foreach: bool,
+) -> None:
+    """Soft-threshold each weight by ``lr * l1 / d`` with ``d = sqrt(v) / sqrt(1 - beta2^t) + eps``."""
+    bc2_sqrt = [(1 - beta2 ** float(s)) ** 0.5 for s in state_steps]
+    real = [i for i, p in enumerate(params) if not p.is_complex()]
+    if foreach and real and not isinstance(lr, Tensor):
+        ps = [params[i] for i in real]
+        denom = torch._foreach_sqrt([second_moments[i] for i in real])
+        torch._foreach_div_(denom, [bc2_sqrt[i] for i in real])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_reciprocal_(denom)
+        torch._foreach_mul_(denom, lr * l1)  # the threshold t = lr * l1 / d
+        clamped = torch._foreach_minimum(ps, denom)
+        torch._foreach_neg_(denom)
+        torch._foreach_maximum_(clamped, denom)
+        torch._foreach_sub_(ps, clamped)
+        done = set(real)
+    else:
+        done = set()
+    for i, p in enumerate(params):
+        if i in done:
+            continue
+        v = second_moments[i]
+        if p.is_complex():
+            d = (torch.view_as_real(v).sqrt() / bc2_sqrt[i]).add_(eps).mean(dim=-1)
+        else:
+            d = (v.sqrt() / bc2_sqrt[i]).add_(eps)
+        threshold = d.reciprocal_().mul_(
+            lr * l1 if not isinstance(lr, Tensor) else lr.to(p.device) * l1
+        )
+        soft_threshold_(p, threshold)
+
+
+def _fused_prox_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    *,
+    amsgrad: bool,
+    has_complex: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    l1: float,
+) -> None:
+    from regoptim._fused import fused_prox_adam_
+
+    kwargs: dict[str, Any] = {
+        "amsgrad": amsgrad,
+        "beta1": beta1,
+        "beta2": beta2,
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "maximize": maximize,
+        "decoupled_weight_decay": decoupled_weight_decay,
+        "l1": l1,
+    }
+    if has_complex:
+        # complex parameters take the eager path (the kernels are real); the rest stay fused
+        cplx = [i for i, p in enumerate(params) if p.is_complex()]
+        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        pick = [[lst[i] for i in cplx] if lst else [] for lst in lists]
+        _eager_prox_adam("loop", *pick, grad_scale, found_inf, lr=lr, has_complex=True, **kwargs)  # type: ignore[arg-type]
+        keep = [i for i in range(len(params)) if i not in set(cplx)]
+        rest = [[lst[i] for i in keep] if lst else [] for lst in lists]
+        if not rest[0]:
+            return
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = rest
+    tensorlists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
+    for (device, _), ((dps, dgs, dms, dvs, dvmaxs, dsteps), _) in group_tensors(tensorlists):  # type: ignore[arg-type]
+        dlr = lr.to(device) if isinstance(lr, Tensor) and lr.device != device else lr
+        fused_prox_adam_(
+            dps,
+            dgs,
+            dms,
+            dvs,
+            dvmaxs if amsgrad else None,
+            dsteps,
+            lr=dlr,
+            grad_scale=None if grad_scale is None else grad_scale.to(device),
+            found_inf=None if found_inf is None else found_inf.to(device),
+            **kwargs,
+        )
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _loop(*args: Any, **kwargs: Any) -> None:
+    _eager_prox_adam("loop", *args, **kwargs)
+
+
+def _foreach(*args: Any, **kwargs: Any) -> None:
+    _eager_prox_adam("foreach", *args, **kwargs)
+
+
+def _torch_fused(*args: Any, **kwargs: Any) -> None:
+    _eager_prox_adam("torch_fused", *args, **kwargs)
+
+
+_IMPLS: dict[str, Callable[..., None]] = {
+    "loop": _loop,
+    "foreach": _foreach,
+    "torch_fused": _torch_fused,
+    "fused": _fused_prox_adam,
+}

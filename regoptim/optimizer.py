@@ -1,0 +1,226 @@
+"""Shared base of regoptim's optimizers: validation helpers, implementation choice, AMP helpers.
+
+The grouping of tensors by device and dtype is torch's own
+(``Optimizer._group_tensors_by_device_and_dtype``); nothing here rewrites it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "Impl",
+    "ProxOptimizer",
+    "resolve_impl",
+    "validate_betas",
+    "validate_lr",
+    "validate_non_negative",
+]
+
+Impl = Literal["loop", "foreach", "torch_fused", "fused"]
+
+
+# --- validation helpers: one rule each, the message names the argument and the value -----------
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_non_negative(value: Any, name: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number ``>= 0``."""
+    if isinstance(value, Tensor):
+        raise TypeError(f"Invalid {name}: expected a float, got a Tensor ({value!r})")
+    if not _is_number(value):
+        raise TypeError(f"Invalid {name}: expected a float, got {type(value).__name__} ({value!r})")
+    if math.isnan(value) or math.isinf(value) or value < 0.0:
+        raise ValueError(f"Invalid {name} value: {value} (must be a finite number >= 0)")
+
+
+def validate_lr(lr: Any) -> None:
+    """A learning rate is a finite float >= 0 or a 1-element tensor holding one."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"Invalid learning rate: a Tensor lr must be 1-element, got {lr.numel()}"
+            )
+        if lr.is_complex() or not lr.is_floating_point():
+            raise ValueError(
+                f"Invalid learning rate: a Tensor lr must be floating point, got {lr.dtype}"
+            )
+        if lr.requires_grad:
+            raise ValueError("Invalid learning rate: a Tensor lr must not require grad")
+        if lr.device.type == "cpu":  # reading a CUDA lr here would be a sync on every step
+            value = float(lr)
+            if math.isnan(value) or math.isinf(value) or value < 0.0:
+                raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
+        return
+    if not _is_number(lr):
+        raise TypeError(
+            f"Invalid learning rate: expected a float or Tensor, got {type(lr).__name__}"
+        )
+    if math.isnan(lr) or math.isinf(lr) or lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
+
+
+def validate_unit_interval(value: Any, name: str) -> None:
+    """Raise unless ``0 <= value < 1``."""
+    validate_non_negative(value, name)
+    if not value < 1.0:
+        raise ValueError(f"Invalid {name} value: {value} (must be in [0, 1))")
+
+
+def validate_betas(betas: Any) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: expected a pair of floats, got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            raise TypeError(f"Invalid beta parameter at index {i}: expected a float, got a Tensor")
+        validate_unit_interval(beta, f"beta parameter at index {i}")
+
+
+def validate_flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: expected a bool, got {value!r}")
+
+
+def validate_optional_flag(value: Any, name: str) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: expected None or a bool, got {value!r}")
+
+
+# --- implementation choice ----------------------------------------------------------------------
+
+
+def _triton_fused_default_ok(params: list[Tensor]) -> bool:
+    from regoptim._fused import fused_unavailable_reason
+
+    return fused_unavailable_reason("cuda") is None
+
+
+def resolve_impl(
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+    torch_fused_ok: bool = True,
+) -> Impl:
+    """Pick the implementation of one step for one param group.
+
+    ``fused=True`` -> regoptim's fused kernels (Triton on CUDA, the fused CPU kernel on CPU).
+    ``foreach=True`` -> torch's foreach ops. Either flag given as ``False`` with the other ``None``
+    -> what torch would do then (the for-loop). Both ``None``: regoptim's Triton kernels for CUDA
+    tensors when triton imports; torch's own fused CPU kernels plus the regularizers' extra pass for
+    real floating-point CPU tensors; torch's default otherwise. Sparse gradients always take a
+    for-loop/foreach path (the fused kernels are dense).
+    """
+    if any(g.is_sparse for g in grads):
+        return "foreach" if foreach else "loop"
+    if fused:
+        return "fused"
+    if foreach:
+        return "foreach"
+    if foreach is not None or fused is not None:
+        return "loop"
+    if not params:
+        return "loop"
+    dense_real = all(type(p) is torch.Tensor and p.is_floating_point() for p in params)
+    if dense_real and all(p.is_cuda for p in params) and _triton_fused_default_ok(params):
+        return "fused"
+    if torch_fused_ok and dense_real and all(p.device.type == "cpu" for p in params):
+        return "torch_fused"
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    _, use_foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    return "foreach" if use_foreach else "loop"
+
+
+# --- AMP on the eager paths ---------------------------------------------------------------------
+
+
+def unscale_or_skip(
+    grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None
+) -> bool:
+    """For eager paths under ``fused=True`` + GradScaler: unscale ``grads`` in place.
+
+    Returns True when the step must be skipped (``found_inf`` set). Reads ``found_inf`` on the host:
+    only the eager fallback of a fused optimizer (sparse or complex tensors) comes here.
+    """
+    if found_inf is not None and bool(found_inf.item()):
+        return True
+    if grad_scale is not None:
+        inv = grad_scale.double().reciprocal().item()
+        for g in grads:
+            g.mul_(inv)
+    return False
+
+
+# --- base class ----------------------------------------------------------------------------------
+
+
+class ProxOptimizer(Optimizer):
+    """Base of regoptim's optimizers: validates every param group's hyperparameters.
+
+    Subclasses implement :meth:`_validate_group` with one rule per hyperparameter. Validation runs
+    when a group is added (construction, ``add_param_group``) and again before each step, so a
+    value set by hand between steps (an L1 ramp, a typo) is caught before it touches a parameter.
+    """
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._validate_group(defaults)
+        super().__init__(params, defaults)
+        if defaults.get("fused"):
+            if defaults.get("foreach"):
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+            # GradScaler hands grad_scale/found_inf to step() instead of syncing on the host.
+            self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+        if group.get("fused"):
+            from regoptim._fused import fused_unavailable_reason
+
+            for p in group["params"]:
+                if not (p.is_floating_point() or p.is_complex()):
+                    self.param_groups.pop()
+                    raise RuntimeError(
+                        f"`fused=True` requires floating point parameters, got {p.dtype}"
+                    )
+                reason = fused_unavailable_reason(p.device.type)
+                if reason is not None:
+                    self.param_groups.pop()
+                    raise RuntimeError(reason)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _step_groups(
+        self, closure: Callable[[], Any] | None, step_group: Callable[..., None]
+    ) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._validate_group(group)
+            step_group(group)
+        return loss
+
+
+def group_tensors(tensorlists: list[list[Tensor | None]]) -> Iterable[tuple[Any, Any]]:
+    """torch's device/dtype grouping (with indices), re-exported for the paths that need it."""
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensorlists, with_indices=True)  # type: ignore[arg-type]
+    return grouped.items()

@@ -1,0 +1,445 @@
+r"""ProxSGD: torch.optim.SGD with decoupled weight decay and a proximal L1 step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.optim.sgd as _torch_sgd
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from regoptim.optimizer import (
+    Impl,
+    ProxOptimizer,
+    group_tensors,
+    resolve_impl,
+    unscale_or_skip,
+    validate_flag,
+    validate_lr,
+    validate_non_negative,
+    validate_optional_flag,
+)
+from regoptim.prox import soft_threshold_
+
+__all__ = ["ProxSGD", "prox_sgd"]
+
+
+class ProxSGD(ProxOptimizer):
+    r"""Stochastic gradient descent with coupled L2, decoupled weight decay and proximal L1.
+
+    A drop-in replacement for :class:`torch.optim.SGD`: same arguments, defaults, state keys
+    (``momentum_buffer``) and ``state_dict`` format. With ``l1=0`` and
+    ``decoupled_weight_decay=False`` it computes exactly what ``torch.optim.SGD`` computes.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)}, \theta_0 \text{ (params)}, f(\theta)
+                \text{ (objective)}, \lambda \text{ (weight decay)}, \mu \text{ (momentum)},
+                \tau \text{ (dampening)}, \kappa \text{ (l1)},
+                \textit{nesterov}, \textit{maximize}, \textit{decoupled} \\
+            &\textbf{for}\ t=1\ \textbf{to}\ \ldots\ \textbf{do} \\
+            &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
+                \quad (g_t \leftarrow -g_t \textbf{ if } \textit{maximize}) \\
+            &\quad \textbf{if}\ \lambda \neq 0 \textbf{ and not } \textit{decoupled}:
+                \ g_t \leftarrow g_t + \lambda\theta_{t-1}
+                && \text{1. coupled L2} \\
+            &\quad \textbf{if}\ \mu \neq 0: && \text{2. momentum (torch's)} \\
+            &\quad\quad b_t \leftarrow g_t \textbf{ if } t = 1
+                \textbf{ else } \mu b_{t-1} + (1-\tau) g_t \\
+            &\quad\quad g_t \leftarrow g_t + \mu b_t \textbf{ if } \textit{nesterov}
+                \textbf{ else } b_t \\
+            &\quad \textbf{if}\ \lambda \neq 0 \textbf{ and } \textit{decoupled}:
+                \ \theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda)
+                && \text{3. decoupled decay} \\
+            &\quad \theta_t \leftarrow \theta_{t-1} - \gamma g_t && \text{4. step} \\
+            &\quad \textbf{if}\ \kappa \neq 0:
+                \ \theta_t \leftarrow \operatorname{sign}(\theta_t)
+                \max(|\theta_t| - \gamma\kappa,\ 0) && \text{5. proximal L1} \\
+            &\textbf{return}\ \theta_t
+       \end{aligned}
+
+    Step 5 is the proximal operator of :math:`\gamma\kappa\|\theta\|_1` (soft-thresholding): it
+    solves :math:`\min_\theta \kappa\|\theta\|_1 + \frac{1}{2\gamma}\|\theta - \theta_t\|^2`
+    exactly, so weights that the data do not support land on exact zeros instead of wobbling
+    around zero as they do with an L1 term in the loss. For complex parameters it shrinks the
+    modulus and keeps the phase.
+
+    Args:
+        params: iterable of parameters or named parameters to optimize, or of dicts defining
+            parameter groups (every hyperparameter below may differ per group).
+        lr: learning rate, a float or a 1-element tensor (default: 1e-3).
+        momentum: momentum factor :math:`\mu` (default: 0).
+        dampening: dampening :math:`\tau` for momentum, in [0, 1] (default: 0).
+        weight_decay: weight decay :math:`\lambda` (default: 0). Coupled (an L2 term's gradient,
+            as ``torch.optim.SGD``) unless ``decoupled_weight_decay``.
+        nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening = 0``.
+        decoupled_weight_decay: shrink the weights by :math:`(1-\gamma\lambda)` instead of
+            adding :math:`\lambda\theta` to the gradient, so the decay bypasses momentum, as AdamW
+            does for Adam (default: False).
+        l1: L1 strength :math:`\kappa` of the proximal soft-threshold step (default: 0).
+        maximize: maximize the objective instead of minimizing it (default: False).
+        foreach: use torch's foreach implementation (``None``: pick, as torch does).
+        fused: use regoptim's fused kernels: Triton on CUDA (also on CPU under
+            ``TRITON_INTERPRET=1``), the fused C++ kernel on CPU. ``None`` (default): the Triton
+            kernels for CUDA parameters when triton is installed; on CPU, torch's fused SGD kernel
+            with one extra pass for what it lacks (decoupled decay, the prox).
+
+    Note:
+        Torch's default on CPU is a for-loop; regoptim's default there calls torch's fused CPU
+        kernel, whose float32 results may differ from the for-loop in the last bit. Pass
+        ``foreach=False`` to reproduce ``torch.optim.SGD()`` bit for bit.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        decoupled_weight_decay: bool = False,
+        l1: float = 0.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "l1": l1,
+            "maximize": maximize,
+            "foreach": foreach,
+            "fused": fused,
+            "differentiable": False,
+        }
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        validate_lr(group["lr"])
+        validate_non_negative(group["momentum"], "momentum")
+        validate_non_negative(group["dampening"], "dampening")
+        if group["dampening"] > 1.0:
+            raise ValueError(f"Invalid dampening value: {group['dampening']} (must be in [0, 1])")
+        validate_non_negative(group["weight_decay"], "weight_decay")
+        validate_non_negative(group["l1"], "l1")
+        validate_flag(group["nesterov"], "nesterov")
+        validate_flag(group["decoupled_weight_decay"], "decoupled_weight_decay")
+        validate_flag(group["maximize"], "maximize")
+        validate_optional_flag(group["foreach"], "foreach")
+        validate_optional_flag(group["fused"], "fused")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                "Nesterov momentum requires a momentum and zero dampening "
+                f"(got momentum={group['momentum']}, dampening={group['dampening']})"
+            )
+        if group["fused"] and group["foreach"]:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("l1", 0.0)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffer_list: list[Tensor | None],
+    ) -> bool:
+        has_sparse_grad = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            has_sparse_grad |= p.grad.is_sparse
+            if group["momentum"] != 0:
+                momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
+        return has_sparse_grad
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss (``None`` without one)."""
+        return self._step_groups(closure, self._step_group)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        momentum_buffer_list: list[Tensor | None] = []
+        has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
+        prox_sgd(
+            params,
+            grads,
+            momentum_buffer_list,
+            has_sparse_grad=has_sparse_grad,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            l1=group["l1"],
+        )
+        if group["momentum"] != 0:
+            for p, buf in zip(params, momentum_buffer_list, strict=True):
+                if buf is not None:
+                    self.state[p]["momentum_buffer"] = buf
+
+
+def prox_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    has_sparse_grad: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    *,
+    weight_decay: float,
+    momentum: float,
+    lr: float | Tensor,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool = False,
+    l1: float = 0.0,
+) -> None:
+    """Functional ProxSGD: picks the implementation and runs one step. See :class:`ProxSGD`.
+
+    ``momentum_buffer_list`` entries that are ``None`` are created (first step) and written back
+    into the list, as in ``torch.optim.sgd.sgd``.
+    """
+    if not params:
+        return
+    impl = resolve_impl(params, grads, foreach=foreach, fused=fused)
+    func = {
+        "loop": _single_tensor_prox_sgd,
+        "foreach": _multi_tensor_prox_sgd,
+        "torch_fused": _torch_fused_prox_sgd,
+        "fused": _fused_prox_sgd,
+    }[impl]
+    func(
+        params,
+        grads,
+        momentum_buffer_list,
+        grad_scale,
+        found_inf,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr=lr,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        has_sparse_grad=has_sparse_grad,
+        decoupled_weight_decay=decoupled_weight_decay,
+        l1=l1,
+    )
+
+
+def _eager_prox_sgd(
+    impl: Impl,
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    *,
+    weight_decay: float,
+    momentum: float,
+    lr: float | Tensor,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    has_sparse_grad: bool,
+    decoupled_weight_decay: bool,
+    l1: float,
+) -> None:
+    # torch.optim's own SGD does steps 1, 2 and 4; regoptim adds 3 (decoupled decay, which may
+    # run before torch's step because, decoupled, the gradient no longer depends on the weights)
+    # and 5 (the prox, after it).
+    if (grad_scale is not None or found_inf is not None) and unscale_or_skip(
+        grads, grad_scale, found_inf
+    ):
+        return
+    if weight_decay != 0 and decoupled_weight_decay:
+        _decay_(params, lr, weight_decay, foreach=impl == "foreach")
+    _torch_sgd.sgd(
+        params,
+        grads,
+        momentum_buffer_list,
+        has_sparse_grad=has_sparse_grad,
+        foreach=impl == "foreach",
+        fused=impl == "torch_fused",
+        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+        momentum=momentum,
+        lr=lr,  # type: ignore[arg-type]
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+    )
+    if l1 != 0:
+        _prox_l1_(params, lr, l1, foreach=impl in ("foreach", "torch_fused"))
+
+
+def _single_tensor_prox_sgd(*args: Any, **kwargs: Any) -> None:
+    _eager_prox_sgd("loop", *args, **kwargs)
+
+
+def _multi_tensor_prox_sgd(*args: Any, **kwargs: Any) -> None:
+    _eager_prox_sgd("foreach", *args, **kwargs)
+
+
+def _torch_fused_prox_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    **kwargs: Any,
+) -> None:
+    # torch's fused SGD takes a group whose buffers are either all new or all existing.
+    _for_each_first_step_split(
+        params, grads, momentum_buffer_list, kwargs["momentum"] != 0,
+        lambda p, g, b: _eager_prox_sgd("torch_fused", p, g, b, grad_scale, found_inf, **kwargs),
+    )  # fmt: skip
+
+
+def _fused_prox_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    *,
+    weight_decay: float,
+    momentum: float,
+    lr: float | Tensor,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    has_sparse_grad: bool,
+    decoupled_weight_decay: bool,
+    l1: float,
+) -> None:
+    from regoptim._fused import fused_prox_sgd_
+
+    if has_sparse_grad:  # pragma: no cover - resolve_impl routes sparse gradients away
+        raise RuntimeError("regoptim's fused kernels do not take sparse gradients")
+    use_momentum = momentum != 0
+
+    def run(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor | None]) -> None:
+        for (device, _), ((dps, dgs, dbufs), idx) in group_tensors([ps, gs, bufs]):
+            first = use_momentum and dbufs[0] is None
+            if first:
+                if found_inf is not None and bool(found_inf.to("cpu")):
+                    # A skipped first step must leave no momentum buffer behind (the next step
+                    # is the first). This reads found_inf on the host once, on the first step.
+                    continue
+                for j, i in enumerate(idx):
+                    dbufs[j] = bufs[i] = torch.empty_like(
+                        gs[i], memory_format=torch.preserve_format
+                    )
+            if isinstance(lr, Tensor) and lr.device != device:
+                dlr: float | Tensor = lr.to(device)
+            else:
+                dlr = lr
+            fused_prox_sgd_(
+                dps,
+                dgs,
+                dbufs if use_momentum else None,  # type: ignore[arg-type]
+                lr=dlr,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+                maximize=maximize,
+                decoupled_weight_decay=decoupled_weight_decay,
+                l1=l1,
+                is_first_step=first,
+                grad_scale=None if grad_scale is None else grad_scale.to(device),
+                found_inf=None if found_inf is None else found_inf.to(device),
+            )
+
+    _for_each_first_step_split(params, grads, momentum_buffer_list, use_momentum, run)
+
+
+def _for_each_first_step_split(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor | None],
+    use_momentum: bool,
+    run: Callable[[list[Tensor], list[Tensor], list[Tensor | None]], None],
+) -> None:
+    """Call ``run`` on the params whose buffer is new, then on those whose buffer exists.
+
+    New buffers created by ``run`` are written back into ``bufs``.
+    """
+    if not use_momentum:
+        run(params, grads, bufs)
+        return
+    for new in (True, False):
+        idx = [i for i, b in enumerate(bufs) if (b is None) == new]
+        if not idx:
+            continue
+        if len(idx) == len(params):
+            run(params, grads, bufs)
+            return
+        sub_bufs = [bufs[i] for i in idx]
+        run([params[i] for i in idx], [grads[i] for i in idx], sub_bufs)
+        for i, b in zip(idx, sub_bufs, strict=True):
+            bufs[i] = b
+
+
+def _decay_(
+    params: list[Tensor], lr: float | Tensor, weight_decay: float, *, foreach: bool
+) -> None:
+    factor = 1 - lr * weight_decay
+    if foreach:
+        for (device, _), ((dps,), _) in group_tensors([params]):
+            f = factor.to(device) if isinstance(factor, Tensor) else factor
+            torch._foreach_mul_(dps, f)  # type: ignore[arg-type]
+    else:
+        for p in params:
+            p.mul_(factor)
+
+
+def _prox_l1_(params: list[Tensor], lr: float | Tensor, l1: float, *, foreach: bool) -> None:
+    threshold = lr * l1
+    real = [p for p in params if not p.is_complex()]
+    for p in params:
+        if p.is_complex():
+            soft_threshold_(p, _on(threshold, p.device))
+    if foreach and not isinstance(threshold, Tensor):
+        for _, ((dps,), _) in group_tensors([real]):  # type: ignore[list-item]
+            # p - clamp(p, -t, t): soft-thresholding with exact zeros (see regoptim.prox)
+            clamped = torch._foreach_clamp_min(dps, -threshold)  # type: ignore[arg-type]
+            torch._foreach_clamp_max_(clamped, threshold)
+            torch._foreach_sub_(dps, clamped)  # type: ignore[arg-type]
+    else:
+        for p in real:
+            soft_threshold_(p, _on(threshold, p.device))
+
+
+def _on(value: float | Tensor, device: torch.device) -> float | Tensor:
+    return value.to(device) if isinstance(value, Tensor) else value
