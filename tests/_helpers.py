@@ -1,0 +1,50 @@
+"""Shared test helpers: parameters, gradients and state snapshots for reference comparisons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# implementation selections of the eager paths; "default" is foreach=None, fused=None
+IMPLS: dict[str, dict[str, Any]] = {
+    "loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "default": {},
+}
+
+SHAPES = [(5, 7), (), (3,), (0,)]
+
+
+def make_params(dtype: torch.dtype, shapes: list[tuple[int, ...]] = SHAPES, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    real = torch.float64 if not dtype.is_complex else torch.complex128
+    return [torch.randn(s, generator=g, dtype=real).to(dtype).requires_grad_() for s in shapes]
+
+
+def set_grads(params: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + seed)
+    grads = []
+    for p in params:
+        real = torch.complex128 if p.is_complex() else torch.float64
+        gr = torch.randn(p.shape, generator=g, dtype=real).to(p.dtype)
+        p.grad = gr.clone()
+        grads.append(gr)
+    return grads
+
+
+def ref_state(state: dict[str, Any]) -> dict[str, Any]:
+    """float64 copy of an optimizer's per-parameter state, in the reference's format."""
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if k == "step":
+            out[k] = int(float(v))
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.detach().to(torch.complex128 if v.is_complex() else torch.float64).clone()
+        else:
+            out[k] = v
+    return out
+
+
+def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone().requires_grad_() for p in params]
