@@ -1,0 +1,283 @@
+"""The ``regoptim`` command (also ``python -m regoptim``).
+
+``regoptim compare``: one MLP on scikit-learn's digits under seven optimizer/regularization
+configurations; prints a table and writes plots. ``regoptim path``: sweeps a regularization
+strength, picks it by validation accuracy and scores the test set once. Run ``regoptim -h``.
+
+Usage errors (unknown flags or values, negative strengths, an unwritable output directory) print
+one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+__all__ = ["main"]
+
+DEFAULT_RANGES = {"l1": (1e-5, 3e-2), "weight_decay": (1e-5, 1e-1)}
+
+
+class UsageError(Exception):
+    """Bad input found after parsing: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"strengths must be finite and >= 0, got {text!r}")
+    return value
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("regoptim")
+    except Exception:  # not installed (running from a checkout)
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="regoptim",
+        description="Regularization in practice: compare optimizers and tune strengths on "
+        "scikit-learn's handwritten digits (offline, CPU, about a minute).",
+    )
+    parser.add_argument("--version", action="version", version=f"regoptim {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,path}", required=True)
+
+    def common(p: argparse.ArgumentParser, out: str, epochs: int) -> None:
+        p.add_argument("--epochs", type=_positive_int, default=epochs, help=f"default {epochs}")
+        p.add_argument("--seed", type=int, default=0, help="init and batch-order seed (0)")
+        p.add_argument("--out", default=out, metavar="DIR", help=f"output directory ({out})")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+        p.add_argument("--no-plots", action="store_true", help="write no PNGs")
+        p.add_argument(
+            "--threads",
+            type=_positive_int,
+            default=1,
+            help="torch CPU threads (default 1: fastest for this small model, and the results "
+            "then do not depend on the machine's core count)",
+        )
+
+    compare = sub.add_parser(
+        "compare",
+        help="one MLP, seven optimizer/regularization set-ups, one table",
+        description="Train a 64-256-10 MLP on the digits under SGD, SGD + coupled "
+        "weight_decay, ProxSGD decoupled decay, SGD + L1 in the loss, ProxSGD l1, AdamW and "
+        "ProxAdamW l1 (same init, same batches); print test accuracy, exact-zero fraction and "
+        "mean optimizer-step time; write weights.png, sparsity.png and compare.json to DIR.",
+    )
+    common(compare, "runs/compare", 60)
+
+    path = sub.add_parser(
+        "path",
+        help="sweep a strength, pick it by validation accuracy",
+        description="Train ProxSGD across strengths on the train split, report validation "
+        "accuracy and sparsity for each, name the best by validation accuracy and report its "
+        "test accuracy once; write path.png and path.json to DIR.",
+    )
+    path.add_argument(
+        "--reg",
+        choices=("l1", "weight_decay"),
+        default="l1",
+        help="proximal l1 (default) or coupled L2 weight_decay",
+    )
+    values = path.add_mutually_exclusive_group()
+    values.add_argument(
+        "--values", type=_strength, nargs="+", metavar="V", help="explicit strengths (>= 0)"
+    )
+    values.add_argument(
+        "--grid", type=_positive_int, metavar="N", help="number of strengths to try (default 7)"
+    )
+    path.add_argument(
+        "--search",
+        choices=("grid", "random"),
+        default="grid",
+        help="log-spaced grid (default) or log-uniform random samples over --range",
+    )
+    path.add_argument(
+        "--range",
+        type=_strength,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="strength range for --grid/--search (default 1e-5 3e-2 for l1, 1e-5 1e-1 for "
+        "weight_decay)",
+    )
+    common(path, "runs/path", 60)
+    return parser
+
+
+def _prepare_out(out: str) -> Path:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(f"--out: cannot write to {out!r}: {reason}") from None
+    return path
+
+
+def _strengths(args: argparse.Namespace) -> list[float]:
+    if args.values is not None:
+        if args.search == "random" or args.range is not None:
+            raise UsageError("--values cannot be combined with --search random or --range")
+        return sorted(set(args.values))
+    lo, hi = args.range if args.range is not None else DEFAULT_RANGES[args.reg]
+    if not 0 < lo < hi:
+        raise UsageError(f"--range: need 0 < LO < HI, got {lo:g} {hi:g}")
+    n = 7 if args.grid is None else args.grid
+    if args.search == "grid":
+        if n == 1:
+            return [math.sqrt(lo * hi)]
+        step = (math.log(hi) - math.log(lo)) / (n - 1)
+        return [math.exp(math.log(lo) + i * step) for i in range(n)]
+    import torch
+
+    u = torch.rand(n, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    return sorted(float(lo * (hi / lo) ** x) for x in u)
+
+
+def _plots_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(
+            "regoptim: matplotlib is not installed, plots skipped (pip install 'regoptim[plots]')",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def _run_compare(args: argparse.Namespace, out: Path) -> None:
+    from .train import compare, load_digits_split
+
+    data = load_digits_split()
+    n_train = data.x_train.shape[0] + data.x_val.shape[0]
+    print(
+        f"MLP 64-256-10 on scikit-learn digits ({n_train} train / {data.x_test.shape[0]} test), "
+        f"{args.epochs} epochs, batch 64, seed {args.seed}, {args.threads} thread(s); "
+        "biases and 1-D params exempt",
+        flush=True,
+    )
+    result = compare(epochs=args.epochs, seed=args.seed, progress=not args.no_progress, data=data)
+    table = result.table()
+    print(table)
+    (out / "compare.txt").write_text(table + "\n")
+    (out / "compare.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    written = [out / "compare.txt", out / "compare.json"]
+    if not args.no_plots and _plots_available():
+        from .plots import plot_sparsity, plot_weight_distributions
+
+        reports = {r.name: r.sparsity for r in result.rows}
+        fig = plot_weight_distributions(
+            result.initial_weights,
+            result.final_weights,
+            before_label="init",
+            path=out / "weights.png",
+            title=f"Weights after {args.epochs} epochs vs init (shared bins, log counts)",
+        )
+        fig.clear()
+        fig = plot_sparsity(reports, path=out / "sparsity.png", title="Exact zeros per layer")
+        fig.clear()
+        written += [out / "weights.png", out / "sparsity.png"]
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _run_path(args: argparse.Namespace, out: Path) -> None:
+    from .train import regularization_path
+
+    strengths = _strengths(args)
+    print(
+        f"ProxSGD {args.reg} path over {len(strengths)} strengths ({args.search}), "
+        f"{args.epochs} epochs, seed {args.seed}, {args.threads} thread(s); "
+        "train/val/test 60/20/20",
+        flush=True,
+    )
+    result = regularization_path(
+        strengths, reg=args.reg, epochs=args.epochs, seed=args.seed, progress=not args.no_progress
+    )
+    table = result.table()
+    print(table)
+    print(result.summary())
+    (out / "path.txt").write_text(table + "\n" + result.summary() + "\n")
+    (out / "path.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    written = [out / "path.txt", out / "path.json"]
+    if not args.no_plots and _plots_available():
+        from .plots import plot_regularization_path
+
+        pts = result.points
+        fig = plot_regularization_path(
+            [p.strength for p in pts],
+            {
+                "train": [p.train_accuracy for p in pts],
+                "validation": [p.val_accuracy for p in pts],
+            },
+            [p.sparsity.fraction for p in pts],
+            best=result.best.strength,
+            xlabel=args.reg,
+            path=out / "path.png",
+            title=f"ProxSGD {args.reg} path on digits",
+        )
+        fig.clear()
+        written.append(out / "path.png")
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, 1 on a missing dependency, 2 on bad
+    input, 130 on Ctrl-C)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"regoptim {args.command}"
+    try:
+        if args.command == "path":
+            _strengths(args)  # validate before touching the file system
+        out = _prepare_out(args.out)
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.command == "compare":
+            _run_compare(args, out)
+        else:
+            _run_path(args, out)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `regoptim compare | head`
+        return 0
+    return 0

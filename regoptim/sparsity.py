@@ -1,0 +1,218 @@
+"""Count exact zeros (and near-zeros) per parameter and overall.
+
+``regoptim.sparsity(model)`` returns a :class:`SparsityReport`: a small table that prints well
+and whose numbers are plain attributes::
+
+    >>> report = regoptim.sparsity(model)
+    >>> print(report)
+    parameter     shape       numel   zeros  zero %  |w|<=0.001  near %
+    0.weight      (256, 64)   16384   13950   85.1%       13950   85.1%
+    ...
+    total                     18954   16180   85.4%       16181   85.4%
+    >>> report.fraction, report["0.weight"].zeros
+    (0.8536..., 13950)
+
+"Exact zero" means ``w == 0`` (``-0.0`` included). "Near zero" means ``|w| <= atol`` and
+includes the exact zeros, so ``near_zeros >= zeros``; the gap between the two is what an L1
+term in the loss leaves behind (tiny, never exactly zero, weights). NaN counts as neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SparsityReport", "SparsityRow", "sparsity"]
+
+ModelOrParams = nn.Module | Tensor | Mapping[str, Tensor] | Iterable[Tensor | tuple[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class SparsityRow:
+    """The counts of one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+    near_zeros: int
+
+    @property
+    def fraction(self) -> float:
+        """Exact zeros / numel (``0.0`` for an empty tensor)."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+    @property
+    def near_fraction(self) -> float:
+        """Near zeros (``|w| <= atol``) / numel."""
+        return self.near_zeros / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-tensor rows and global totals; iterate it, index it by name, print it."""
+
+    rows: tuple[SparsityRow, ...]
+    atol: float
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def zeros(self) -> int:
+        return sum(r.zeros for r in self.rows)
+
+    @property
+    def near_zeros(self) -> int:
+        return sum(r.near_zeros for r in self.rows)
+
+    @property
+    def fraction(self) -> float:
+        """Global exact-zero fraction (over all entries of all tensors)."""
+        n = self.numel
+        return self.zeros / n if n else 0.0
+
+    @property
+    def near_fraction(self) -> float:
+        """Global near-zero fraction (``|w| <= atol``)."""
+        n = self.numel
+        return self.near_zeros / n if n else 0.0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[SparsityRow]:
+        return iter(self.rows)
+
+    def __getitem__(self, name: str) -> SparsityRow:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: totals, ``atol`` and one entry per tensor."""
+        return {
+            "atol": self.atol,
+            "numel": self.numel,
+            "zeros": self.zeros,
+            "near_zeros": self.near_zeros,
+            "fraction": self.fraction,
+            "near_fraction": self.near_fraction,
+            "params": [
+                {
+                    "name": r.name,
+                    "shape": list(r.shape),
+                    "numel": r.numel,
+                    "zeros": r.zeros,
+                    "near_zeros": r.near_zeros,
+                    "fraction": r.fraction,
+                    "near_fraction": r.near_fraction,
+                }
+                for r in self.rows
+            ],
+        }
+
+    def __str__(self) -> str:
+        header = ("parameter", "shape", "numel", "zeros", "zero %", f"|w|<={self.atol:g}", "near %")
+        body = [
+            (
+                r.name,
+                str(tuple(r.shape)),
+                str(r.numel),
+                str(r.zeros),
+                f"{100 * r.fraction:.1f}%",
+                str(r.near_zeros),
+                f"{100 * r.near_fraction:.1f}%",
+            )
+            for r in self.rows
+        ]
+        total = (
+            "total",
+            "",
+            str(self.numel),
+            str(self.zeros),
+            f"{100 * self.fraction:.1f}%",
+            str(self.near_zeros),
+            f"{100 * self.near_fraction:.1f}%",
+        )
+        table = [header, *body, total]
+        widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+
+        def fmt(line: tuple[str, ...]) -> str:
+            cells = [line[0].ljust(widths[0]), line[1].ljust(widths[1])]
+            cells += [cell.rjust(w) for cell, w in zip(line[2:], widths[2:], strict=True)]
+            return "  ".join(cells).rstrip()
+
+        return "\n".join(fmt(line) for line in table)
+
+    def __repr__(self) -> str:
+        return (
+            f"SparsityReport(tensors={len(self.rows)}, numel={self.numel}, "
+            f"zeros={self.zeros} ({100 * self.fraction:.1f}%), "
+            f"near_zeros={self.near_zeros} ({100 * self.near_fraction:.1f}%), atol={self.atol:g})"
+        )
+
+
+def _named_tensors(obj: ModelOrParams) -> list[tuple[str, Tensor]]:
+    if isinstance(obj, nn.Module):
+        return list(obj.named_parameters())
+    if isinstance(obj, Tensor):
+        return [("0", obj)]
+    if isinstance(obj, Mapping):
+        items = list(obj.items())
+    else:
+        try:
+            items = list(obj)
+        except TypeError:
+            raise TypeError(
+                "sparsity: model_or_params must be an nn.Module, a tensor, a mapping of names to "
+                f"tensors or an iterable of tensors or (name, tensor) pairs, got {type(obj).__name__}"
+            ) from None
+        items = [
+            item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(items)
+        ]
+    out: list[tuple[str, Tensor]] = []
+    for name, t in items:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"sparsity: expected tensors, got {type(t).__name__} for {name!r}")
+        # a state_dict also holds integer buffers (BatchNorm's num_batches_tracked): skip them
+        if t.is_floating_point() or t.is_complex():
+            out.append((str(name), t))
+    return out
+
+
+@torch.no_grad()
+def sparsity(model_or_params: ModelOrParams, atol: float = 1e-3) -> SparsityReport:
+    """Count exact zeros and near zeros (``|w| <= atol``) per tensor and overall.
+
+    Args:
+        model_or_params: an ``nn.Module`` (its ``named_parameters()``), a ``state_dict``-like
+            mapping of names to tensors, an iterable of ``(name, tensor)`` pairs (e.g. a
+            filtered ``named_parameters()``), an iterable of tensors (named ``"0"``, ``"1"``, ...)
+            or one tensor. Non-floating tensors in a mapping are skipped.
+        atol: the near-zero tolerance, ``>= 0`` (default ``1e-3``). ``atol=0`` makes
+            near-zeros the exact zeros.
+
+    Returns:
+        A :class:`SparsityReport`.
+    """
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0.0:
+        raise ValueError(f"sparsity: atol must be a number >= 0, got {atol!r}")
+    named = _named_tensors(model_or_params)
+    counts: list[Tensor] = []
+    for _, t in named:
+        t = t.detach()
+        mag = t.abs()
+        counts.append(torch.stack([(mag == 0).sum(), (mag <= atol).sum()]).cpu())
+    flat = torch.stack(counts).tolist() if counts else []
+    rows = tuple(
+        SparsityRow(name, tuple(t.shape), t.numel(), int(z), int(nz))
+        for (name, t), (z, nz) in zip(named, flat, strict=True)
+    )
+    return SparsityReport(rows=rows, atol=float(atol))
