@@ -106,7 +106,9 @@ def _triton_fused_default_ok(params: list[Tensor]) -> bool:
 
 # torch 2.13's fused CPU SGD is wrong for bfloat16/float16 tensors of 16 or more elements (off by
 # up to 0.3 after one lr=0.1 step) and its fused CPU Adam overflows in float16; see
-# tests/test_torch_quirks.py. The default path only builds on them for these dtypes.
+# tests/test_torch_quirks.py. The default path only builds on them for these dtypes, and only when
+# every gradient has its parameter's strides (they walk both as flat memory; autograd's gradient
+# layout contract makes that the usual case, a gradient assigned by hand may break it).
 _TORCH_FUSED_CPU_DTYPES = (torch.float32, torch.float64)
 
 
@@ -144,6 +146,7 @@ def resolve_impl(
         torch_fused_ok
         and all(p.device.type == "cpu" for p in params)
         and all(p.dtype in _TORCH_FUSED_CPU_DTYPES for p in params)
+        and all(p.stride() == g.stride() for p, g in zip(params, grads, strict=True))
     ):
         return "torch_fused"
     from torch.optim.optimizer import _default_to_fused_or_foreach
@@ -194,25 +197,26 @@ class ProxOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
         try:
-            self._validate_group(group)
-        except (ValueError, TypeError):
-            self.param_groups.pop()
+            self._check_new_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
-        if group.get("fused"):
-            from regoptim._fused import fused_unavailable_reason
 
-            for p in group["params"]:
-                if not (p.is_floating_point() or p.is_complex()):
-                    self.param_groups.pop()
-                    raise RuntimeError(
-                        f"`fused=True` requires floating point parameters, got {p.dtype}"
-                    )
-                reason = fused_unavailable_reason(p.device.type)
-                if reason is not None:
-                    self.param_groups.pop()
-                    raise RuntimeError(reason)
+    def _check_new_group(self, group: dict[str, Any]) -> None:
+        self._validate_group(group)
+        if not group.get("fused"):
+            return
+        from regoptim._fused import fused_unavailable_reason
+
+        for p in group["params"]:
+            if not (p.is_floating_point() or p.is_complex()):
+                raise RuntimeError(
+                    f"`fused=True` requires floating point parameters, got {p.dtype}"
+                )
+            reason = fused_unavailable_reason(p.device.type)
+            if reason is not None:
+                raise RuntimeError(reason)
 
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -232,6 +232,11 @@ def prox_sgd(
     """
     if not params:
         return
+    if has_sparse_grad and weight_decay != 0 and not decoupled_weight_decay:
+        raise RuntimeError(
+            "ProxSGD: coupled weight_decay does not support sparse gradients (neither does "
+            "torch.optim.SGD); use decoupled_weight_decay=True or dense gradients"
+        )
     impl = resolve_impl(params, grads, foreach=foreach, fused=fused)
     func = {
         "loop": _single_tensor_prox_sgd,
@@ -430,7 +435,7 @@ def _prox_l1_(params: list[Tensor], lr: float | Tensor, l1: float, *, foreach: b
     for p in params:
         if p.is_complex():
             soft_threshold_(p, _on(threshold, p.device))
-    if foreach and not isinstance(threshold, Tensor):
+    if foreach and real and not isinstance(threshold, Tensor):
         for _, ((dps,), _) in group_tensors([real]):  # type: ignore[list-item]
             # p - clamp(p, -t, t): soft-thresholding with exact zeros (see regoptim.prox)
             clamped = torch._foreach_clamp_min(dps, -threshold)  # type: ignore[arg-type]

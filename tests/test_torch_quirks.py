@@ -33,3 +33,22 @@ def test_regoptim_default_avoids_torch_fused_for_low_precision():
     ]:
         p = torch.zeros(4, dtype=dtype)
         assert resolve_impl([p], [p], foreach=None, fused=None) == expected
+
+
+def test_torch_fused_cpu_ignores_stride_mismatch():
+    base = torch.randn(6, 4)
+    p = base.t().detach().requires_grad_()
+    q = p.detach().contiguous().requires_grad_()
+    p.grad = torch.randn(4, 6)
+    q.grad = p.grad.clone()
+    torch.optim.SGD([p], lr=0.1, fused=True).step()
+    torch.optim.SGD([q], lr=0.1, foreach=False).step()
+    assert (p - q).abs().max() > 0.05
+
+
+def test_regoptim_default_avoids_torch_fused_on_stride_mismatch():
+    from regoptim.optimizer import resolve_impl
+
+    p = torch.zeros(6, 4).t()
+    assert resolve_impl([p], [torch.zeros(4, 6)], foreach=None, fused=None) == "loop"
+    assert resolve_impl([p], [torch.zeros(6, 4).t()], foreach=None, fused=None) == "torch_fused"
