@@ -56,7 +56,8 @@ def validate_lr(lr: Any) -> None:
             )
         if lr.requires_grad:
             raise ValueError("Invalid learning rate: a Tensor lr must not require grad")
-        if lr.device.type == "cpu":  # reading a CUDA lr here would be a sync on every step
+        # read the value only where that is free: not on CUDA (a sync), not while compiling
+        if lr.device.type == "cpu" and not torch.compiler.is_compiling():
             value = float(lr)
             if math.isnan(value) or math.isinf(value) or value < 0.0:
                 raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
