@@ -6,10 +6,11 @@ two-process launcher for the gloo tests (loopback only).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -26,28 +27,58 @@ COUNTERPART: dict[type, type] = {
 }
 
 
-def fused_cpu_skip_reason() -> str | None:
+def fused_skip_reason(backend: str) -> str | None:
+    """Why ``fused=True`` cannot run on CPU with ``backend`` ("cpu": the C++ kernel, "triton":
+    the Triton kernels in Triton's interpreter), or None."""
     from regoptim._fused import fused_unavailable_reason
 
-    return fused_unavailable_reason("cpu")
+    with fused_backend_env(backend):
+        return fused_unavailable_reason("cpu")
 
 
-def _fused_param() -> Any:
-    reason = fused_cpu_skip_reason()
+@contextlib.contextmanager
+def fused_backend_env(backend: str | None) -> Iterator[None]:
+    """Select the backend ``fused=True`` uses for CPU tensors (chosen per call from the env)."""
+    if backend is None:
+        yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if backend == "triton" else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@contextlib.contextmanager
+def on_path(path: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``with on_path(path) as kwargs``: the optimizer kwargs of ``path``, its backend selected."""
+    kwargs = {k: v for k, v in path.items() if k != "backend"}
+    with fused_backend_env(path.get("backend")):
+        yield kwargs
+
+
+def _fused_param(backend: str) -> Any:
+    reason = fused_skip_reason(backend)
     marks = (
         [pytest.mark.skip(reason=f"regoptim fused=True unavailable: {reason}")] if reason else []
     )
-    return pytest.param({"fused": True}, id="fused", marks=marks)
+    return pytest.param({"fused": True, "backend": backend}, id=f"fused-{backend}", marks=marks)
 
 
 # The paths regoptim runs on CPU: torch's for-loop, torch's foreach, the default (torch's fused
-# CPU kernel plus regoptim's extra pass) and regoptim's own fused=True kernel.
+# CPU kernel plus regoptim's extra pass) and regoptim's own fused=True kernels: the C++ CPU kernel
+# and the Triton kernels (interpreted on CPU; compiled on CUDA).
 EAGER_PATHS = [
     pytest.param({"foreach": False}, id="loop"),
     pytest.param({"foreach": True}, id="foreach"),
     pytest.param({}, id="default"),
 ]
-ALL_PATHS = [*EAGER_PATHS, _fused_param()]
+FUSED_PATHS = [_fused_param("cpu"), _fused_param("triton")]
+ALL_PATHS = [*EAGER_PATHS, *FUSED_PATHS]
 
 
 def torch_kwargs(path: dict[str, Any]) -> dict[str, Any]:

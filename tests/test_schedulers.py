@@ -25,6 +25,7 @@ from tests._stack_helpers import (
     loss_fn,
     make_batches,
     make_model,
+    on_path,
     params_of,
     torch_kwargs,
 )
@@ -175,6 +176,11 @@ def test_l1_and_weight_decay_schedules_match_reference(
     cls: type, kwargs: dict[str, Any], path: dict[str, Any]
 ) -> None:
     """An L1 ramp and a weight-decay decay set by hand every step, under CosineAnnealingLR."""
+    with on_path(path) as path_kwargs:
+        _run_schedule(cls, kwargs, path_kwargs)
+
+
+def _run_schedule(cls: type, kwargs: dict[str, Any], path: dict[str, Any]) -> None:
     g = torch.Generator().manual_seed(3)
     shapes = [(5, 7), (7,), (3, 2, 2)]
     params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
