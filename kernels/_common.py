@@ -1,0 +1,281 @@
+"""Host side shared by the Triton kernels: checks, copy-in/copy-out and the multi-tensor launch plan.
+
+Every kernel updates all tensors of a (device, dtype) group in ONE launch. The launcher gives it:
+
+* one int64 table of ``data_ptr()`` per tensor list (params, grads, each piece of state), rows of
+  one device tensor;
+* ``numels`` (int64, one per tensor);
+* a block map: program ``pid`` handles ``BLOCK`` elements of tensor ``block_tensor[pid]`` from
+  element ``block_start[pid]`` on.
+
+Both are built on the host once and cached (small LRU) on the tuple of pointers/numels, so a step
+whose tensors did not move costs no host work beyond building that key, and no host sync.
+
+Tensors the kernels cannot address as one flat run of elements sharing a layout with the others at
+the same index (non-contiguous params, a grad with other strides, conj/neg views) go through
+contiguous copies that are written back after the launch (:func:`flatten_group`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "BLOCK",
+    "SUPPORTED_DTYPES",
+    "FlatGroup",
+    "LaunchPlan",
+    "check_device",
+    "check_lists",
+    "flatten_group",
+    "launch_plan",
+    "log_beta",
+    "lr_args",
+    "scalar_arg",
+    "triton_dtype",
+]
+
+# Elements per program. UNTUNED: no GPU was available when this was written (CPU-only session,
+# kernels validated under TRITON_INTERPRET=1). 1024 with the default num_warps=4 gives each thread
+# 8 contiguous elements (vectorised 16/32-byte accesses); tune it on the target GPU. Must be even
+# (complex pairs never straddle two blocks).
+BLOCK = 1024
+
+# parameter dtype -> triton element type of the (real view of the) storage
+SUPPORTED_DTYPES: dict[torch.dtype, tl.dtype] = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.complex64: tl.float32,
+    torch.complex32: tl.float16,
+}
+
+_PLAN_CACHE_SIZE = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# host side: dtype/device checks, copy-in/copy-out, launch plan
+# ---------------------------------------------------------------------------------------------
+
+
+def triton_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Triton element type of the storage of ``dtype`` params, or a clear error."""
+    try:
+        return SUPPORTED_DTYPES[dtype]
+    except KeyError:
+        supported = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise TypeError(
+            f"regoptim's Triton kernels take {supported} parameters, not {dtype}; "
+            "use fused=False (torch path) for these parameters"
+        ) from None
+
+
+def check_device(device: torch.device, kernel: object) -> None:
+    """Fail clearly where the kernel object cannot serve tensors on ``device``.
+
+    Kernels are interpreted or compiled depending on ``TRITON_INTERPRET`` when this package is
+    first imported; the interpreter dereferences the pointer tables on the host, so it only serves
+    CPU tensors, and compiled kernels only CUDA tensors.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpreted = isinstance(kernel, InterpretedFunction)
+    if device.type == "cpu" and not interpreted:
+        raise RuntimeError(
+            "regoptim's Triton kernels run on CPU tensors only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before regoptim._kernels is first imported"
+        )
+    if device.type == "cuda" and interpreted:
+        raise RuntimeError(
+            "regoptim's Triton kernels were loaded with TRITON_INTERPRET=1 (CPU tensors only); "
+            "unset it before regoptim._kernels is first imported to run them on CUDA"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"regoptim's Triton kernels do not run on device type '{device.type}'")
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: its elements are one run of memory (any dim order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(
+        ((s, st) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1), key=lambda x: x[1]
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat_real(t: Tensor) -> Tensor:
+    """The storage run of a dense tensor as a real tensor whose ``data_ptr``/``numel`` we pass."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+@dataclass
+class FlatGroup:
+    """The tensors handed to a kernel, and what to copy back after it ran."""
+
+    lists: list[list[Tensor]]  # real views, one list per tensor list, empty tensors dropped
+    kept: list[int]  # the indices (into the inputs) of the tensors in ``lists``
+    writeback: list[tuple[Tensor, Tensor]]  # (original, contiguous copy) to copy back
+
+    def finish(self) -> None:
+        for orig, copy in self.writeback:
+            orig.copy_(copy)
+
+
+def flatten_group(lists: Sequence[Sequence[Tensor]], mutated: Sequence[bool]) -> FlatGroup:
+    """Drop empty tensors and make every index addressable as one flat run shared by all lists.
+
+    Index ``i`` is used in place when all its tensors are dense with the same strides and carry
+    no conj/neg bit; otherwise each of its tensors becomes a contiguous copy (written back after
+    the launch for the ``mutated`` lists).
+    """
+    out: list[list[Tensor]] = [[] for _ in lists]
+    writeback: list[tuple[Tensor, Tensor]] = []
+    kept: list[int] = []
+    for i in range(len(lists[0])):
+        ts = [lst[i] for lst in lists]
+        if ts[0].numel() == 0:
+            continue
+        kept.append(i)
+        strides = ts[0].stride()
+        in_place = all(
+            _dense(t) and t.stride() == strides and not t.is_conj() and not t.is_neg() for t in ts
+        )
+        for k, t in enumerate(ts):
+            if not in_place and not (t.is_contiguous() and not t.is_conj() and not t.is_neg()):
+                c = t.resolve_conj().resolve_neg().contiguous()
+                if mutated[k]:
+                    writeback.append((t, c))
+                t = c
+            out[k].append(_flat_real(t))
+    return FlatGroup(out, kept, writeback)
+
+
+@dataclass
+class LaunchPlan:
+    """Device tables for one launch."""
+
+    tables: list[Tensor]  # one int64 data_ptr row per tensor list
+    numels: Tensor  # int64 [n_tensors]
+    block_tensor: Tensor  # int32 [n_blocks]
+    block_start: Tensor  # int64 [n_blocks]
+    n_blocks: int
+
+
+_block_maps: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, int]] = OrderedDict()
+_ptr_tables: OrderedDict[tuple, list[Tensor]] = OrderedDict()
+
+
+def _cache_get(cache: OrderedDict, key: tuple) -> object | None:
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _cache_put(cache: OrderedDict, key: tuple, value: object) -> None:
+    cache[key] = value
+    if len(cache) > _PLAN_CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def launch_plan(lists: Sequence[Sequence[Tensor]], device: torch.device) -> LaunchPlan:
+    """Pointer tables and block map for ``lists`` (real, flat-addressable, non-empty tensors).
+
+    Cached on the numels (block map) and on the data pointers (tables); rebuilt, on the host,
+    only when they change.
+    """
+    numel_key = (device, BLOCK, tuple(t.numel() for t in lists[0]))
+    block_map = _cache_get(_block_maps, numel_key)
+    if block_map is None:
+        numels = torch.tensor(numel_key[2], dtype=torch.int64)
+        counts = (numels + BLOCK - 1) // BLOCK
+        n_blocks = int(counts.sum())
+        block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+        first_block = torch.cumsum(counts, 0) - counts
+        block_start = (
+            torch.arange(n_blocks, dtype=torch.int64) - torch.repeat_interleave(first_block, counts)
+        ) * BLOCK
+        block_map = (
+            _to_device(numels, device),
+            _to_device(block_tensor, device),
+            _to_device(block_start, device),
+            n_blocks,
+        )
+        _cache_put(_block_maps, numel_key, block_map)
+    numels_d, block_tensor_d, block_start_d, n_blocks = block_map  # type: ignore[misc]
+
+    ptr_key = (device, numel_key[2], tuple(tuple(t.data_ptr() for t in lst) for lst in lists))
+    tables = _cache_get(_ptr_tables, ptr_key)
+    if tables is None:
+        n = len(lists[0])
+        stride = n + (n % 2)  # keep every row 16-byte aligned (one specialisation for all groups)
+        host = torch.zeros((len(lists), stride), dtype=torch.int64)
+        for k, lst in enumerate(ptr_key[2]):
+            host[k, :n] = torch.tensor(lst, dtype=torch.int64)
+        dev = _to_device(host, device)
+        tables = [dev[k] for k in range(len(lists))]
+        _cache_put(_ptr_tables, ptr_key, tables)
+    return LaunchPlan(tables, numels_d, block_tensor_d, block_start_d, n_blocks)  # type: ignore[arg-type]
+
+
+def lr_args(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
+    """``(lr as float, lr tensor)``: a tensor lr on the params' device is read in the kernel."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr tensor must have one element, got shape {tuple(lr.shape)}")
+        if lr.device == device:
+            return 0.0, lr
+        if lr.device.type == "cpu":
+            return float(lr), None  # a host value: no device sync
+        raise ValueError(f"lr tensor is on {lr.device}, the params on {device}")
+    return float(lr), None
+
+
+def scalar_arg(t: Tensor | None, name: str, device: torch.device) -> Tensor | None:
+    """``grad_scale`` / ``found_inf``: a 1-element tensor on the params' device, or None."""
+    if t is None:
+        return None
+    if t.numel() != 1 or t.device != device:
+        raise ValueError(
+            f"{name} must be a 1-element tensor on {device}, got {t.shape} on {t.device}"
+        )
+    return t
+
+
+def log_beta(beta: float) -> float:
+    """``ln(beta)`` in double on the host (-inf for beta == 0)."""
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+def check_lists(params: Sequence[Tensor], **lists: Sequence[Tensor] | None) -> None:
+    """Every list as long as ``params``, every tensor on the params' device with their dtype."""
+    device, dtype = params[0].device, params[0].dtype
+    for name, lst in {"params": params, **lists}.items():
+        if lst is None:
+            continue
+        if len(lst) != len(params):
+            raise ValueError(f"{name} has {len(lst)} tensors, params {len(params)}")
+        for t in lst:
+            if t.device != device or t.dtype != dtype:
+                raise ValueError(
+                    f"all tensors of a fused step share the params' device and dtype "
+                    f"({device}, {dtype}); {name} has one on {t.device} with {t.dtype}"
+                )

@@ -1,0 +1,259 @@
+"""The ProxSGD family in one Triton kernel: one launch per (device, dtype) group.
+
+Per element, in float32 registers (``g`` unscaled and negated first where asked):
+
+1. coupled L2: ``g += wd * p``
+2. momentum: ``b = g`` (first step) or ``b = mu * b + (1 - dampening) * g``;
+   ``g = g + mu * b`` (nesterov) or ``g = b``
+3. decoupled decay: ``p *= 1 - lr * wd``
+4. ``p -= lr * g``
+5. proximal L1: ``p = soft_threshold(p, lr * l1)`` (modulus shrink for complex params)
+
+``p`` and ``b`` are read once and written once, in the param dtype.
+"""
+
+# Triton reads parameter annotations as kernel types, so the jit kernel is left unannotated.
+# ruff: noqa: ANN001, ANN202
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (
+    BLOCK,
+    check_device,
+    check_lists,
+    flatten_group,
+    launch_plan,
+    lr_args,
+    scalar_arg,
+    triton_dtype,
+)
+from ._jit import (
+    block_offsets,
+    complex_shrink,
+    load_scalar,
+    soft_threshold,
+    tensor_ptr,
+)
+
+__all__ = ["fused_prox_sgd_"]
+
+
+@triton.jit
+def _prox_sgd_kernel(
+    param_ptrs,
+    grad_ptrs,
+    buf_ptrs,
+    numels,
+    block_tensor,
+    block_start,
+    lr_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    lr: tl.float32,
+    weight_decay: tl.float32,
+    momentum: tl.float32,
+    dampening: tl.float32,
+    l1: tl.float32,
+    DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    HAS_L1: tl.constexpr,
+    COMPLEX: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+):
+    t, offs, mask = block_offsets(
+        numels, block_tensor, block_start, found_inf_ptr, HAS_FOUND_INF, BLOCK
+    )
+    if LR_IS_TENSOR:
+        lr = load_scalar(lr_ptr)
+    p_ptrs = tensor_ptr(param_ptrs, t, DTYPE) + offs
+    p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(tensor_ptr(grad_ptrs, t, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = g / load_scalar(grad_scale_ptr)
+    if MAXIMIZE:
+        g = -g
+    # 1. coupled L2
+    if HAS_WD and not DECOUPLED:
+        g = g + weight_decay * p
+    # 2. momentum (torch's recurrence; the buffer is stored in the param dtype)
+    if HAS_MOMENTUM:
+        b_ptrs = tensor_ptr(buf_ptrs, t, DTYPE) + offs
+        if FIRST_STEP:
+            b = g
+        else:
+            b_old = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+            b = momentum * b_old + (1.0 - dampening) * g
+        tl.store(b_ptrs, b.to(DTYPE), mask=mask)
+        g = g + momentum * b if NESTEROV else b
+    # 3. decoupled decay
+    if HAS_WD and DECOUPLED:
+        p = p * (1.0 - lr * weight_decay)
+    # 4. gradient step
+    p = p - lr * g
+    # 5. proximal L1
+    if HAS_L1:
+        p = complex_shrink(p, lr * l1, BLOCK) if COMPLEX else soft_threshold(p, lr * l1)
+    tl.store(p_ptrs, p.to(DTYPE), mask=mask)
+
+
+def _launch_prox_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    l1: float,
+    is_first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """Build (or fetch) the launch tables and run :func:`_prox_sgd_kernel` once for the group."""
+    if not params:
+        return
+    device = params[0].device
+    check_device(device, _prox_sgd_kernel)
+    has_momentum = momentum_buffers is not None
+    check_lists(params, grads=grads, momentum_buffers=momentum_buffers)
+    dtype = triton_dtype(params[0].dtype)
+    lr_value, lr_tensor = lr_args(lr, device)
+    grad_scale = scalar_arg(grad_scale, "grad_scale", device)
+    found_inf = scalar_arg(found_inf, "found_inf", device)
+
+    lists = [params, grads] + ([momentum_buffers] if has_momentum else [])
+    flat = flatten_group(lists, mutated=[True, False, True])  # type: ignore[list-item]
+    if not flat.kept:
+        return
+    plan = launch_plan(flat.lists, device)
+    _prox_sgd_kernel[(plan.n_blocks,)](
+        plan.tables[0],
+        plan.tables[1],
+        plan.tables[2] if has_momentum else None,
+        plan.numels,
+        plan.block_tensor,
+        plan.block_start,
+        lr_tensor,
+        grad_scale,
+        found_inf,
+        lr_value,
+        float(weight_decay),
+        float(momentum),
+        float(dampening),
+        float(l1),
+        DTYPE=dtype,
+        BLOCK=BLOCK,
+        MAXIMIZE=bool(maximize),
+        HAS_WD=weight_decay != 0,
+        DECOUPLED=bool(decoupled_weight_decay),
+        HAS_MOMENTUM=has_momentum,
+        FIRST_STEP=bool(is_first_step),
+        NESTEROV=bool(nesterov),
+        HAS_L1=l1 != 0,
+        COMPLEX=params[0].is_complex(),
+        LR_IS_TENSOR=lr_tensor is not None,
+        HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+    )
+    flat.finish()
+
+
+@torch.library.custom_op("regoptim::fused_prox_sgd_", mutates_args=("params", "momentum_buffers"))
+def _fused_prox_sgd_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: float,
+    lr_tensor: Tensor | None,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    l1: float,
+    is_first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    # custom-op schemas have no `list[Tensor] | None` and no `float | Tensor`: an empty
+    # momentum_buffers list means "no momentum", lr_tensor (when given) overrides lr.
+    _launch_prox_sgd(
+        params,
+        grads,
+        momentum_buffers if momentum != 0 else None,
+        lr=lr if lr_tensor is None else lr_tensor,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        l1=l1,
+        is_first_step=is_first_step,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def fused_prox_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    l1: float,
+    is_first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One ProxSGD step for tensors of one device and dtype, in one kernel launch.
+
+    See ``regoptim._fused.fused_prox_sgd_`` for the contract. Runs as the custom op
+    ``torch.ops.regoptim.fused_prox_sgd_`` so ``torch.compile`` can trace a step that calls it.
+    """
+    if not params:
+        return
+    if (momentum != 0) != (momentum_buffers is not None):
+        raise ValueError("momentum_buffers must be given exactly when momentum != 0")
+    with torch.no_grad():
+        _fused_prox_sgd_op(
+            list(params),
+            list(grads),
+            list(momentum_buffers) if momentum_buffers is not None else [],
+            0.0 if isinstance(lr, Tensor) else float(lr),
+            lr if isinstance(lr, Tensor) else None,
+            float(weight_decay),
+            float(momentum),
+            float(dampening),
+            bool(nesterov),
+            bool(maximize),
+            bool(decoupled_weight_decay),
+            float(l1),
+            bool(is_first_step),
+            grad_scale,
+            found_inf,
+        )

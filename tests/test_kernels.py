@@ -1,0 +1,777 @@
+"""The Triton kernels (regoptim._kernels) against the float64 reference.
+
+On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, chosen before the kernels are first
+imported); on a CUDA machine run ``TRITON_INTERPRET=0 pytest -m cuda tests/test_kernels.py`` and
+the same tests run compiled on the GPU. The interpreter costs a few ms per program (one program
+per 1024 elements of each tensor), so sizes stay small.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from regoptim._kernels import available, fused_prox_adam_, fused_prox_sgd_  # noqa: E402
+from tolerances import assert_close_to_ref  # noqa: E402
+
+from regoptim.reference import adam_step, sgd_step  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not INTERPRETING, reason="CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+        ),
+    ),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(
+                INTERPRETING or not torch.cuda.is_available(),
+                reason="needs a CUDA device and TRITON_INTERPRET=0 (compiled kernels)",
+            ),
+        ],
+    ),
+]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [0, 1, 1023, 1025, 4097]
+LRS = [0.1, 0.05, 0.02]  # the learning rate changes every step
+N_STEPS = 3
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+# ------------------------------------------------------------------------------------------------
+# drivers: run N_STEPS kernel steps and reference steps side by side, compare params and state
+# ------------------------------------------------------------------------------------------------
+
+
+def _make(sizes: list[int], dtype: torch.dtype, device: str, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype).to(device) for n in sizes]
+
+
+def _lr(value: float, lr_tensor: bool, device: str) -> float | torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device) if lr_tensor else value
+
+
+def run_sgd(
+    sizes: list[int],
+    dtype: torch.dtype,
+    device: str,
+    *,
+    lr_tensor: bool = False,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    l1: float = 0.0,
+    seed: int = 0,
+    steps: int = N_STEPS,
+) -> None:
+    params = _make(sizes, dtype, device, seed)
+    ref = [p.to(torch.float64).cpu() for p in params]
+    ref_state: list[dict[str, Any]] = [{} for _ in params]
+    bufs = None
+    for step in range(steps):
+        grads = _make(sizes, dtype, device, seed + 100 + step)
+        first = step == 0
+        if momentum != 0 and first:
+            bufs = [torch.full_like(p, float("nan")) for p in params]  # garbage contents
+        hyper = dict(
+            weight_decay=weight_decay,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+            l1=l1,
+        )
+        fused_prox_sgd_(
+            params,
+            grads,
+            bufs,
+            lr=_lr(LRS[step], lr_tensor, device),
+            is_first_step=first,
+            grad_scale=None,
+            found_inf=None,
+            **hyper,
+        )
+        for i in range(len(params)):
+            ref[i] = sgd_step(ref[i], grads[i].cpu(), ref_state[i], lr=LRS[step], **hyper)
+    for i, p in enumerate(params):
+        assert_close_to_ref(p.cpu(), ref[i], dtype)
+        if momentum != 0:
+            assert_close_to_ref(bufs[i].cpu(), ref_state[i]["momentum_buffer"], dtype)
+
+
+def _adam_state(params: list[torch.Tensor], amsgrad: bool) -> dict[str, Any]:
+    return {
+        "exp_avgs": [torch.zeros_like(p) for p in params],
+        "exp_avg_sqs": [torch.zeros_like(p) for p in params],
+        "max_exp_avg_sqs": [torch.zeros_like(p) for p in params] if amsgrad else None,
+        "state_steps": [torch.zeros((), dtype=torch.float32, device=p.device) for p in params],
+    }
+
+
+def run_adam(
+    sizes: list[int],
+    dtype: torch.dtype,
+    device: str,
+    *,
+    lr_tensor: bool = False,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    l1: float = 0.0,
+    maximize: bool = False,
+    seed: int = 0,
+    lr_scale: float = 0.1,
+    steps: int = N_STEPS,
+) -> None:
+    params = _make(sizes, dtype, device, seed)
+    state = _adam_state(params, amsgrad)
+    ref = [p.to(torch.float64).cpu() for p in params]
+    ref_state: list[dict[str, Any]] = [{} for _ in params]
+    betas = (0.9, 0.999)
+    for step in range(steps):
+        grads = _make(sizes, dtype, device, seed + 100 + step)
+        lr = LRS[step] * lr_scale
+        hyper = dict(
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            l1=l1,
+            maximize=maximize,
+        )
+        fused_prox_adam_(
+            params,
+            grads,
+            **state,
+            lr=_lr(lr, lr_tensor, device),
+            beta1=betas[0],
+            beta2=betas[1],
+            eps=1e-8,
+            grad_scale=None,
+            found_inf=None,
+            **hyper,
+        )
+        for i in range(len(params)):
+            ref[i] = adam_step(
+                ref[i], grads[i].cpu(), ref_state[i], lr=lr, betas=betas, eps=1e-8, **hyper
+            )
+    for i, p in enumerate(params):
+        assert_close_to_ref(p.cpu(), ref[i], dtype)
+        assert state["state_steps"][i].item() == steps
+        assert_close_to_ref(state["exp_avgs"][i].cpu(), ref_state[i]["exp_avg"], dtype)
+        assert_close_to_ref(state["exp_avg_sqs"][i].cpu(), ref_state[i]["exp_avg_sq"], dtype)
+        if amsgrad:
+            assert_close_to_ref(
+                state["max_exp_avg_sqs"][i].cpu(), ref_state[i]["max_exp_avg_sq"], dtype
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# every flag combination (float32, one group of awkward sizes), then dtypes x sizes
+# ------------------------------------------------------------------------------------------------
+
+FLAG_SIZES = [1, 1025]  # 3 programs: a 1-element tensor and one crossing a block boundary
+
+SGD_MOMENTUM = {
+    "plain": dict(momentum=0.0),
+    "momentum": dict(momentum=0.9, dampening=0.1),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+}
+WD = {
+    "nowd": dict(weight_decay=0.0),
+    "l2": dict(weight_decay=0.1),
+    "decoupled": dict(weight_decay=0.1, decoupled_weight_decay=True),
+}
+L1 = {"nol1": 0.0, "l1": 0.5}
+
+
+@pytest.mark.parametrize("lr_tensor", [False, True], ids=["lrfloat", "lrtensor"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("l1", L1.values(), ids=L1.keys())
+@pytest.mark.parametrize("wd", WD.values(), ids=WD.keys())
+@pytest.mark.parametrize("mom", SGD_MOMENTUM.values(), ids=SGD_MOMENTUM.keys())
+def test_sgd_flags(device, mom, wd, l1, maximize, lr_tensor):
+    run_sgd(
+        FLAG_SIZES,
+        torch.float32,
+        device,
+        lr_tensor=lr_tensor,
+        maximize=maximize,
+        l1=l1,
+        **mom,
+        **wd,
+    )
+
+
+@pytest.mark.parametrize("lr_tensor", [False, True], ids=["lrfloat", "lrtensor"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("l1", [0.0, 2.0], ids=["nol1", "l1"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("wd", WD.values(), ids=WD.keys())
+def test_adam_flags(device, wd, amsgrad, l1, maximize, lr_tensor):
+    run_adam(
+        FLAG_SIZES,
+        torch.float32,
+        device,
+        lr_tensor=lr_tensor,
+        amsgrad=amsgrad,
+        l1=l1,
+        maximize=maximize,
+        **wd,
+    )
+
+
+SGD_REPRESENTATIVE = {
+    "nesterov_l2_l1": dict(momentum=0.9, nesterov=True, weight_decay=0.1, l1=0.5),
+    "momentum_decoupled_l1_max": dict(
+        momentum=0.9, dampening=0.1, weight_decay=0.1, decoupled_weight_decay=True, l1=0.5,
+        maximize=True, lr_tensor=True,
+    ),
+}  # fmt: skip
+ADAM_REPRESENTATIVE = {
+    "adamw_l1": dict(weight_decay=0.1, decoupled_weight_decay=True, l1=2.0),
+    "amsgrad_l2_l1_max": dict(
+        weight_decay=0.1, amsgrad=True, l1=2.0, maximize=True, lr_tensor=True
+    ),
+}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flags", SGD_REPRESENTATIVE.values(), ids=SGD_REPRESENTATIVE.keys())
+def test_sgd_dtypes_sizes(device, flags, dtype, size):
+    run_sgd([size], dtype, device, **flags)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flags", ADAM_REPRESENTATIVE.values(), ids=ADAM_REPRESENTATIVE.keys())
+def test_adam_dtypes_sizes(device, flags, dtype, size):
+    run_adam([size], dtype, device, **flags)
+
+
+def _many_sizes(n: int = 220) -> list[int]:
+    g = torch.Generator().manual_seed(7)
+    sizes = torch.randint(0, 24, (n,), generator=g).tolist()  # includes empty tensors
+    return [*sizes, 1025]  # and one that spans two programs
+
+
+def _record_grids(monkeypatch: pytest.MonkeyPatch, kernel: Any) -> list[int]:
+    """Record the grid of every launch of ``kernel`` (wraps ``kernel[grid]``)."""
+    grids: list[int] = []
+    original = type(kernel).__getitem__
+
+    def getitem(self: Any, grid: Any) -> Any:
+        if self is kernel:
+            grids.append(grid[0])
+        return original(self, grid)
+
+    monkeypatch.setattr(type(kernel), "__getitem__", getitem)
+    return grids
+
+
+# The interpreter runs one program in a few ms, so these use two steps (221 tensors, 211 programs
+# per launch): the second step exercises the existing-state path.
+
+
+def test_sgd_many_tensors_one_launch(device, monkeypatch):
+    from regoptim._kernels import _sgd
+
+    sizes = _many_sizes()
+    grids = _record_grids(monkeypatch, _sgd._prox_sgd_kernel)
+    run_sgd(sizes, torch.float32, device, steps=2, **SGD_REPRESENTATIVE["nesterov_l2_l1"])
+    assert grids == [sum(-(-n // 1024) for n in sizes)] * 2  # one launch per step, all tensors
+
+
+def test_adam_many_tensors_one_launch(device, monkeypatch):
+    from regoptim._kernels import _adam
+
+    sizes = _many_sizes()
+    grids = _record_grids(monkeypatch, _adam._prox_adam_kernel)
+    run_adam(sizes, torch.bfloat16, device, steps=2, **ADAM_REPRESENTATIVE["adamw_l1"])
+    assert grids == [sum(-(-n // 1024) for n in sizes)] * 2
+
+
+# ------------------------------------------------------------------------------------------------
+# AMP protocol: found_inf skips everything, grad_scale unscales
+# ------------------------------------------------------------------------------------------------
+
+
+def _snapshot(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    return [None if t is None else t.clone() for t in tensors]
+
+
+def _assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("first_step", [True, False], ids=["first", "later"])
+def test_sgd_found_inf_skips_everything(device, first_step):
+    sizes = [3, 1025, 0]
+    params = _make(sizes, torch.float32, device, 0)
+    grads = _make(sizes, torch.float32, device, 1)
+    bufs = [torch.full_like(p, 7.0) for p in params]
+    before = _snapshot(params + bufs)
+    fused_prox_sgd_(
+        params, grads, bufs, lr=_lr(0.1, True, device), weight_decay=0.1, momentum=0.9,
+        dampening=0.0, nesterov=True, maximize=False, decoupled_weight_decay=True, l1=0.5,
+        is_first_step=first_step, grad_scale=torch.tensor(2.0, device=device),
+        found_inf=torch.tensor(1.0, device=device),
+    )  # fmt: skip
+    _assert_bitwise(params + bufs, before)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_adam_found_inf_skips_everything(device, amsgrad):
+    sizes = [3, 1025, 0]
+    params = _make(sizes, torch.float32, device, 0)
+    grads = _make(sizes, torch.float32, device, 1)
+    state = _adam_state(params, amsgrad)
+    for t in state["state_steps"]:
+        t.fill_(4.0)
+    for lst in (state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"] or []):
+        for t in lst:
+            t.fill_(0.5)
+    flat_state = [t for lst in state.values() if lst is not None for t in lst]
+    before = _snapshot(params + flat_state)
+    fused_prox_adam_(
+        params, grads, **state, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+        decoupled_weight_decay=True, amsgrad=amsgrad, l1=2.0, maximize=False,
+        grad_scale=torch.tensor(2.0, device=device), found_inf=torch.tensor(1.0, device=device),
+    )  # fmt: skip
+    _assert_bitwise(params + flat_state, before)
+
+
+def test_sgd_grad_scale_unscales(device):
+    sizes = [5, 1025]
+    scale = 1024.0  # a power of two: scaling and unscaling are exact, the results bitwise equal
+    results = []
+    for grad_scale, found_inf in [(None, None), (scale, 0.0)]:
+        params = _make(sizes, torch.float32, device, 0)
+        grads = _make(sizes, torch.float32, device, 1)
+        if grad_scale is not None:
+            grads = [g * grad_scale for g in grads]
+        bufs = [torch.empty_like(p) for p in params]
+        for first in (True, False):
+            fused_prox_sgd_(
+                params, grads, bufs, lr=0.1, weight_decay=0.1, momentum=0.9, dampening=0.0,
+                nesterov=False, maximize=True, decoupled_weight_decay=False, l1=0.5,
+                is_first_step=first,
+                grad_scale=None if grad_scale is None else torch.tensor(grad_scale, device=device),
+                found_inf=None if found_inf is None else torch.tensor(found_inf, device=device),
+            )  # fmt: skip
+        results.append(params + bufs)
+    _assert_bitwise(results[0], results[1])
+
+
+def test_adam_grad_scale_unscales(device):
+    sizes = [5, 1025]
+    scale = 1024.0
+    results = []
+    for grad_scale, found_inf in [(None, None), (scale, 0.0)]:
+        params = _make(sizes, torch.float32, device, 0)
+        grads = _make(sizes, torch.float32, device, 1)
+        if grad_scale is not None:
+            grads = [g * grad_scale for g in grads]
+        state = _adam_state(params, True)
+        for _ in range(2):
+            fused_prox_adam_(
+                params, grads, **state, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=0.1, decoupled_weight_decay=False, amsgrad=True, l1=2.0,
+                maximize=False,
+                grad_scale=None if grad_scale is None else torch.tensor(grad_scale, device=device),
+                found_inf=None if found_inf is None else torch.tensor(found_inf, device=device),
+            )  # fmt: skip
+        results.append(params + [t for lst in state.values() for t in lst])
+    _assert_bitwise(results[0], results[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# no recompilation when lr (or any other runtime hyper-parameter) changes
+# ------------------------------------------------------------------------------------------------
+
+
+class _SpecializationRecorder:
+    """The compile-cache key every launch of a kernel maps to.
+
+    Compiled (CUDA): the JITFunction's own per-device kernel cache; a new entry is a compilation.
+    Interpreted (CPU): the interpreter compiles nothing, so the key is computed with the
+    JITFunction machinery Triton uses to look its cache up (the binder from the kernel's
+    signature, then ``compute_cache_key``) on the exact arguments of each launch, caught with a
+    pre-run hook. Runtime floats are annotated ``tl.float32`` and hence not specialised on; the
+    recorded keys show it.
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.kernel = kernel
+        self.interpreted = isinstance(kernel, InterpretedFunction)
+        self.keys: list[str] = []
+        if self.interpreted:
+            from triton.backends.compiler import BaseBackend
+            from triton.runtime.jit import (
+                JITFunction,
+                compute_cache_key,
+                create_function_from_signature,
+            )
+
+            jit = JITFunction(kernel.fn)
+            binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+
+            def hook(*args: Any, **kwargs: Any) -> None:
+                _, specialization, options = binder(*args, **kwargs)
+                self.keys.append(compute_cache_key({}, specialization, options))
+
+            self._hook = hook
+            kernel.add_pre_run_hook(hook)
+
+    def compilations(self) -> int:
+        if self.interpreted:
+            return len(set(self.keys))
+        return sum(len(cache[0]) for cache in self.kernel.device_caches.values())
+
+    def close(self) -> None:
+        if self.interpreted:
+            self.kernel.pre_run_hooks.remove(self._hook)
+
+
+@pytest.fixture
+def sgd_recorder():
+    from regoptim._kernels import _sgd
+
+    rec = _SpecializationRecorder(_sgd._prox_sgd_kernel)
+    yield rec
+    rec.close()
+
+
+@pytest.fixture
+def adam_recorder():
+    from regoptim._kernels import _adam
+
+    rec = _SpecializationRecorder(_adam._prox_adam_kernel)
+    yield rec
+    rec.close()
+
+
+def test_sgd_changing_lr_does_not_recompile(device, sgd_recorder):
+    params = _make([5, 1025], torch.float32, device, 0)
+    bufs = [torch.empty_like(p) for p in params]
+    lr = torch.tensor(0.1, device=device)
+    kw = dict(
+        momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
+        decoupled_weight_decay=True, grad_scale=None, found_inf=None,
+    )  # fmt: skip
+    fused_prox_sgd_(params, _make([5, 1025], torch.float32, device, 1), bufs, lr=lr,
+                    weight_decay=0.1, l1=0.5, is_first_step=True, **kw)  # fmt: skip
+    baseline = sgd_recorder.compilations()
+    for step in range(1, 5):
+        lr.fill_(0.1 / (step + 1))  # an LR schedule on the device tensor
+        grads = _make([5, 1025], torch.float32, device, step + 1)
+        # the runtime values move too: weight decay and l1 (nonzero) change every step
+        fused_prox_sgd_(params, grads, bufs, lr=lr, weight_decay=0.1 * step, l1=0.5 / step,
+                        is_first_step=False, **kw)  # fmt: skip
+    steady = sgd_recorder.compilations()
+    for step in range(3):  # a float lr schedule
+        grads = _make([5, 1025], torch.float32, device, step + 10)
+        fused_prox_sgd_(params, grads, bufs, lr=0.3 / (step + 1), weight_decay=0.1, l1=0.5,
+                        is_first_step=False, **kw)  # fmt: skip
+    float_steady = sgd_recorder.compilations()
+    # the first step and the float-lr path are constexpr variants: one compile each, then none
+    assert steady == baseline + 1
+    assert float_steady == steady + 1
+    if sgd_recorder.interpreted:
+        assert len(sgd_recorder.keys) == 1 + 4 + 3
+        assert len(set(sgd_recorder.keys[1:5])) == 1
+        assert len(set(sgd_recorder.keys[5:])) == 1
+
+
+def test_adam_changing_lr_does_not_recompile(device, adam_recorder):
+    sizes = [5, 1025]
+    params = _make(sizes, torch.float32, device, 0)
+    state = _adam_state(params, False)
+    lr = torch.tensor(1e-3, device=device)
+    for step in range(5):
+        lr.fill_(1e-3 * (step + 1))
+        fused_prox_adam_(
+            params, _make(sizes, torch.float32, device, step + 1), **state, lr=lr,
+            beta1=0.9 - 0.01 * step, beta2=0.999, eps=1e-8 * (step + 1), weight_decay=0.01 * (step + 1),
+            decoupled_weight_decay=True, amsgrad=False, l1=1.0 + step, maximize=False,
+            grad_scale=None, found_inf=None,
+        )  # fmt: skip
+    assert adam_recorder.compilations() == 1
+    if adam_recorder.interpreted:
+        assert len(adam_recorder.keys) == 5
+
+
+def test_recorder_sees_constexpr_changes(device, sgd_recorder):
+    """The compile counter is not vacuous: flipping a constexpr flag is a new specialisation."""
+    params = _make([5], torch.float32, device, 0)
+    for maximize in (False, True):
+        fused_prox_sgd_(
+            params, _make([5], torch.float32, device, 1), None, lr=0.1, weight_decay=0.0,
+            momentum=0.0, dampening=0.0, nesterov=False, maximize=maximize,
+            decoupled_weight_decay=False, l1=0.0, is_first_step=False, grad_scale=None,
+            found_inf=None,
+        )  # fmt: skip
+    assert sgd_recorder.compilations() == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# layouts the kernels cannot address directly, complex parameters, the launch-table cache
+# ------------------------------------------------------------------------------------------------
+
+
+def _layout_cases(device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device)
+
+    base = rnd(6, 10)
+    cl = rnd(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    return [
+        (rnd(7, 9).t(), rnd(9, 7)),  # transposed param, contiguous grad: copy-in/out
+        (base[:, ::2], rnd(6, 5)),  # strided (non-dense) param
+        (cl, rnd(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)),  # same dense layout
+        (cl.clone(memory_format=torch.channels_last), rnd(2, 3, 4, 5)),  # grad has other strides
+        (rnd(1025), rnd(2050)[::2]),  # non-contiguous grad
+        (rnd(4), rnd(4)),  # an ordinary one alongside
+    ]
+
+
+def test_sgd_noncontiguous_layouts(device):
+    cases = _layout_cases(device)
+    params = [p for p, _ in cases]
+    grads = [g for _, g in cases]
+    storages = [p.data_ptr() for p in params]
+    ref_state: list[dict[str, Any]] = [{} for _ in params]
+    ref = [p.to(torch.float64).cpu() for p in params]
+    bufs = [torch.empty_like(p) for p in params]  # preserve_format: same layout as the params
+    for step in range(2):
+        fused_prox_sgd_(
+            params, grads, bufs, lr=0.1, weight_decay=0.1, momentum=0.9, dampening=0.0,
+            nesterov=True, maximize=False, decoupled_weight_decay=False, l1=0.5,
+            is_first_step=step == 0, grad_scale=None, found_inf=None,
+        )  # fmt: skip
+        for i in range(len(params)):
+            ref[i] = sgd_step(ref[i], grads[i].cpu(), ref_state[i], lr=0.1, momentum=0.9,
+                              weight_decay=0.1, nesterov=True, l1=0.5)  # fmt: skip
+    assert [p.data_ptr() for p in params] == storages  # updated in place, in their storage
+    for i, p in enumerate(params):
+        assert_close_to_ref(p.cpu(), ref[i], torch.float32)
+        assert_close_to_ref(bufs[i].cpu(), ref_state[i]["momentum_buffer"], torch.float32)
+    assert torch.equal(cases[1][0], params[1])  # the strided view wrote into its base
+    assert cases[1][0]._base is not None
+
+
+def test_adam_noncontiguous_layouts(device):
+    cases = _layout_cases(device)
+    params = [p for p, _ in cases]
+    grads = [g for _, g in cases]
+    state = _adam_state(params, True)
+    state["exp_avgs"] = [torch.zeros_like(p) for p in params]
+    ref_state: list[dict[str, Any]] = [{} for _ in params]
+    ref = [p.to(torch.float64).cpu() for p in params]
+    for _ in range(2):
+        fused_prox_adam_(
+            params, grads, **state, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+            decoupled_weight_decay=True, amsgrad=True, l1=2.0, maximize=False, grad_scale=None,
+            found_inf=None,
+        )  # fmt: skip
+        for i in range(len(params)):
+            ref[i] = adam_step(ref[i], grads[i].cpu(), ref_state[i], lr=0.01, weight_decay=0.1,
+                               decoupled_weight_decay=True, amsgrad=True, l1=2.0)  # fmt: skip
+    for i, p in enumerate(params):
+        assert_close_to_ref(p.cpu(), ref[i], torch.float32)
+        assert_close_to_ref(
+            state["exp_avg_sqs"][i].cpu(), ref_state[i]["exp_avg_sq"], torch.float32
+        )
+
+
+@pytest.mark.parametrize("l1", [0.0, 0.5], ids=["nol1", "l1"])
+def test_sgd_complex(device, l1):
+    sizes = [3, 1025]
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=g, dtype=torch.complex64).to(device) for n in sizes]
+    ref = [p.to(torch.complex128).cpu() for p in params]
+    ref_state: list[dict[str, Any]] = [{} for _ in params]
+    bufs = [torch.empty_like(p) for p in params]
+    for step in range(N_STEPS):
+        grads = [torch.randn(n, generator=g, dtype=torch.complex64).to(device) for n in sizes]
+        fused_prox_sgd_(
+            params, grads, bufs, lr=0.1, weight_decay=0.1, momentum=0.9, dampening=0.0,
+            nesterov=False, maximize=True, decoupled_weight_decay=True, l1=l1,
+            is_first_step=step == 0, grad_scale=None, found_inf=None,
+        )  # fmt: skip
+        for i in range(len(params)):
+            ref[i] = sgd_step(ref[i], grads[i].cpu(), ref_state[i], lr=0.1, momentum=0.9,
+                              weight_decay=0.1, decoupled_weight_decay=True, l1=l1,
+                              maximize=True)  # fmt: skip
+    for i, p in enumerate(params):
+        assert_close_to_ref(p.cpu(), ref[i], torch.complex64)
+    if l1:
+        assert any((p == 0).any() for p in params)  # the modulus shrink zeroed some entries
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_adam_complex_l1(device, amsgrad):
+    sizes = [3, 1025]
+    g = torch.Generator().manual_seed(6)
+    params = [torch.randn(n, generator=g, dtype=torch.complex64).to(device) for n in sizes]
+    state = _adam_state(params, amsgrad)
+    ref = [p.to(torch.complex128).cpu() for p in params]
+    ref_state: list[dict[str, Any]] = [{} for _ in params]
+    for _ in range(N_STEPS):
+        grads = [torch.randn(n, generator=g, dtype=torch.complex64).to(device) for n in sizes]
+        fused_prox_adam_(
+            params, grads, **state, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+            decoupled_weight_decay=False, amsgrad=amsgrad, l1=20.0, maximize=False,
+            grad_scale=None, found_inf=None,
+        )  # fmt: skip
+        for i in range(len(params)):
+            ref[i] = adam_step(ref[i], grads[i].cpu(), ref_state[i], lr=0.01, weight_decay=0.1,
+                               amsgrad=amsgrad, l1=20.0)  # fmt: skip
+    for i, p in enumerate(params):
+        assert_close_to_ref(p.cpu(), ref[i], torch.complex64)
+        assert_close_to_ref(
+            state["exp_avg_sqs"][i].cpu(), ref_state[i]["exp_avg_sq"], torch.complex64
+        )
+    assert any((p == 0).any() for p in params)
+
+
+def test_launch_tables_are_cached_until_pointers_change(device):
+    from regoptim._kernels import _common
+
+    sizes = [5, 1025, 0, 7]
+    params = _make(sizes, torch.float32, device, 0)
+    grads = _make(sizes, torch.float32, device, 1)
+    flat = _common.flatten_group([params, grads], [True, False])
+    assert flat.kept == [0, 1, 3]  # the empty tensor is skipped
+    plan1 = _common.launch_plan(flat.lists, torch.device(device))
+    plan2 = _common.launch_plan(flat.lists, torch.device(device))
+    assert plan1.tables[0] is plan2.tables[0] and plan1.block_tensor is plan2.block_tensor
+    assert plan1.n_blocks == 1 + 2 + 1
+    assert plan1.block_tensor.tolist() == [0, 1, 1, 2]
+    assert plan1.block_start.tolist() == [0, 0, 1024, 0]
+    assert plan1.tables[1].tolist()[:3] == [g.data_ptr() for g in flat.lists[1]]
+    new_grads = [g.clone() for g in flat.lists[1]]  # fresh gradients: new pointers, same numels
+    plan3 = _common.launch_plan([flat.lists[0], new_grads], torch.device(device))
+    assert plan3.tables[1] is not plan1.tables[1]
+    assert plan3.tables[1].tolist()[:3] == [g.data_ptr() for g in new_grads]
+    assert plan3.block_tensor is plan1.block_tensor  # the block map depends on numels only
+
+
+# ------------------------------------------------------------------------------------------------
+# custom ops and torch.compile
+# ------------------------------------------------------------------------------------------------
+
+
+def test_custom_ops_are_registered():
+    import regoptim._kernels._adam  # noqa: F401
+    import regoptim._kernels._sgd  # noqa: F401
+
+    sgd_schema = str(torch.ops.regoptim.fused_prox_sgd_.default._schema)
+    adam_schema = str(torch.ops.regoptim.fused_prox_adam_.default._schema)
+    assert "Tensor(a0!)[] params" in sgd_schema and "momentum_buffers" in sgd_schema
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"):
+        assert f"!)[] {name}" in adam_schema, (name, adam_schema)
+    assert "!)[] grads" not in sgd_schema and "!)[] grads" not in adam_schema
+
+
+def test_torch_compile_sgd_step(device):
+    sizes = [5, 1025]
+
+    def train_step(params, grads, bufs, lr):
+        fused_prox_sgd_(
+            params, grads, bufs, lr=lr, weight_decay=0.1, momentum=0.9, dampening=0.0,
+            nesterov=True, maximize=False, decoupled_weight_decay=True, l1=0.5,
+            is_first_step=False, grad_scale=None, found_inf=None,
+        )  # fmt: skip
+
+    compiled = torch.compile(train_step, backend="aot_eager", fullgraph=True)
+    outs = []
+    for fn in (train_step, compiled):
+        params = _make(sizes, torch.float32, device, 0)
+        bufs = _make(sizes, torch.float32, device, 2)
+        lr = torch.tensor(0.1, device=device)
+        for step in range(2):
+            lr.fill_(0.1 / (step + 1))
+            fn(params, _make(sizes, torch.float32, device, step + 3), bufs, lr)
+        outs.append(params + bufs)
+    _assert_bitwise(outs[0], outs[1])
+
+
+def test_torch_compile_adam_step(device):
+    sizes = [5, 1025]
+
+    def train_step(params, grads, state, lr):
+        fused_prox_adam_(
+            params, grads, **state, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+            decoupled_weight_decay=True, amsgrad=True, l1=2.0, maximize=False, grad_scale=None,
+            found_inf=None,
+        )  # fmt: skip
+
+    compiled = torch.compile(train_step, backend="aot_eager", fullgraph=True)
+    outs = []
+    for fn in (train_step, compiled):
+        params = _make(sizes, torch.float32, device, 0)
+        state = _adam_state(params, True)
+        for step in range(2):
+            fn(params, _make(sizes, torch.float32, device, step + 3), state, 1e-2)
+        outs.append(params + [t for lst in state.values() for t in lst])
+    _assert_bitwise(outs[0], outs[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# errors and availability
+# ------------------------------------------------------------------------------------------------
+
+
+def test_available_here():
+    assert available() is None  # the module is skipped unless triton imports; interpreter or CUDA
+
+
+def test_unsupported_dtype_is_a_clear_error(device):
+    p = [torch.zeros(3, dtype=torch.float64, device=device)]
+    with pytest.raises(TypeError, match="fused=False"):
+        fused_prox_sgd_(
+            p, [torch.ones_like(p[0])], None, lr=0.1, weight_decay=0.0, momentum=0.0,
+            dampening=0.0, nesterov=False, maximize=False, decoupled_weight_decay=False, l1=0.0,
+            is_first_step=False, grad_scale=None, found_inf=None,
+        )  # fmt: skip
+
+
+def test_mismatched_lists_are_a_clear_error(device):
+    p = [torch.zeros(3, device=device)]
+    with pytest.raises(ValueError, match="device and dtype"):
+        fused_prox_sgd_(
+            p, [torch.ones(3, dtype=torch.float16, device=device)], None, lr=0.1,
+            weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False,
+            decoupled_weight_decay=False, l1=0.0, is_first_step=False, grad_scale=None,
+            found_inf=None,
+        )  # fmt: skip
