@@ -256,7 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 1 on a missing dependency, 2 on bad
     input, 130 on Ctrl-C)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2), --help and --version (0)
+        return exc.code if isinstance(exc.code, int) else 2
     prog = f"regoptim {args.command}"
     try:
         if args.command == "path":

@@ -457,7 +457,7 @@ class PathResult:
         header = (self.reg, "train acc", "val acc", "exact zeros", "")
         body = [
             (
-                f"{p.strength:.3g}",
+                f"{p.strength:.2e}",
                 f"{100 * p.train_accuracy:.1f}%",
                 f"{100 * p.val_accuracy:.1f}%",
                 f"{100 * p.sparsity.fraction:.1f}%",
@@ -469,7 +469,7 @@ class PathResult:
 
     def summary(self) -> str:
         return (
-            f"best {self.reg}={self.best.strength:.3g} by validation accuracy "
+            f"best {self.reg}={self.best.strength:.2e} by validation accuracy "
             f"({100 * self.best.val_accuracy:.1f}%, {100 * self.best.sparsity.fraction:.1f}% "
             f"exact zeros); its test accuracy: {100 * self.test_accuracy:.1f}%"
         )

@@ -1,0 +1,192 @@
+"""The ``regoptim`` command end to end (subprocess, tiny sizes) and its bad-input exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from regoptim.cli import _strengths, build_parser, main
+
+pytest.importorskip("sklearn")
+
+METHODS = [
+    "SGD",
+    "SGD + weight_decay",
+    "ProxSGD decoupled",
+    "SGD + L1 in loss",
+    "ProxSGD l1",
+    "AdamW",
+    "ProxAdamW l1",
+]
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "regoptim", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_compare_end_to_end(tmp_path):
+    out = tmp_path / "cmp"
+    res = _run("compare", "--epochs", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    for name, line in zip(METHODS, lines[header + 2 : header + 9], strict=True):
+        assert line.startswith(name)
+    assert "test acc" in lines[header] and "exact zeros" in lines[header]
+    assert "[" in res.stderr and "100%" in res.stderr  # the progress bar
+    data = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in data["rows"]] == METHODS
+    rows = {r["name"]: r for r in data["rows"]}
+    assert rows["SGD"]["zero_fraction"] == 0.0
+    assert rows["ProxSGD l1"]["zero_fraction"] > 0.0  # exact zeros after one epoch already
+    assert rows["SGD + L1 in loss"]["zero_fraction"] == 0.0
+    assert all(0.0 < r["test_accuracy"] <= 1.0 and r["mean_step_us"] > 0 for r in data["rows"])
+    if _has_matplotlib():
+        for png in ("weights.png", "sparsity.png"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def keep_threads():
+    """``main`` pins torch to ``--threads`` threads: give the test process its count back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_compare_is_deterministic(tmp_path, keep_threads, capsys):
+    runs = []
+    for _ in range(2):
+        argv = ["compare", "--epochs", "1", "--no-plots", "--no-progress", "--out", str(tmp_path)]
+        assert main(argv) == 0
+        runs.append(json.loads((tmp_path / "compare.json").read_text()))
+    assert capsys.readouterr().err == ""
+    for r1, r2 in zip(runs[0]["rows"], runs[1]["rows"], strict=True):
+        assert r1["test_accuracy"] == r2["test_accuracy"]
+        assert r1["sparsity"] == r2["sparsity"]
+        assert r1["final_loss"] == r2["final_loss"]
+
+
+@pytest.mark.slow
+def test_path_end_to_end(tmp_path):
+    res = _run("path", "--epochs", "1", "--values", "0", "1e-3", "3e-2", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "best l1=" in res.stdout and "test accuracy" in res.stdout
+    data = json.loads((tmp_path / "path.json").read_text())
+    assert [p["strength"] for p in data["points"]] == [0.0, 1e-3, 3e-2]
+    best = max(data["points"], key=lambda p: (p["val_accuracy"], p["strength"]))
+    assert data["best"] == best
+    assert data["points"][0]["zero_fraction"] == 0.0
+    assert data["points"][2]["zero_fraction"] > data["points"][1]["zero_fraction"]
+    if _has_matplotlib():
+        assert (tmp_path / "path.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_path_random_weight_decay(tmp_path, keep_threads, capsys):
+    argv = [
+        "path",
+        "--reg",
+        "weight_decay",
+        "--search",
+        "random",
+        "--grid",
+        "2",
+        "--epochs",
+        "1",
+        "--no-plots",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    assert "best weight_decay=" in capsys.readouterr().out
+    data = json.loads((tmp_path / "path.json").read_text())
+    assert data["reg"] == "weight_decay" and len(data["points"]) == 2
+    assert all(1e-5 <= p["strength"] <= 1e-1 for p in data["points"])
+    assert not (tmp_path / "path.png").exists()
+
+
+def _args(*argv: str):
+    return build_parser().parse_args(["path", *argv])
+
+
+def test_strength_lists():
+    assert _strengths(_args("--values", "1e-3", "0", "1e-3")) == [0.0, 1e-3]
+    grid = _strengths(_args("--grid", "3", "--range", "1e-4", "1e-2"))
+    assert grid == pytest.approx([1e-4, 1e-3, 1e-2])
+    assert len(_strengths(_args())) == 7
+    r1 = _strengths(_args("--search", "random", "--grid", "5", "--seed", "3"))
+    assert r1 == _strengths(_args("--search", "random", "--grid", "5", "--seed", "3"))
+    assert r1 == sorted(r1) and all(1e-5 <= v <= 3e-2 for v in r1)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", "--epochs", "0"],
+        ["compare", "--epochs", "x"],
+        ["compare", "--bogus"],
+        ["frobnicate"],
+        [],
+        ["path", "--reg", "l3"],
+        ["path", "--values", "-1e-3"],
+        ["path", "--values", "nan"],
+        ["path", "--search", "exhaustive"],
+        ["path", "--values", "1e-3", "--grid", "3"],
+        ["path", "--values", "1e-3", "--search", "random"],
+        ["path", "--range", "1e-2", "1e-3"],
+        ["path", "--range", "0", "1e-3"],
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "never")] if argv else argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "error:" in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_unwritable_out_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "sub", Path(os.devnull) / "x"):
+        assert main(["compare", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("regoptim compare: error: --out: cannot write to")
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_input_through_subprocess(tmp_path):
+    res = _run("path", "--values", "-1", "--out", str(tmp_path))
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
+
+
+def test_help_and_version(capsys):
+    assert main(["--help"]) == 0
+    assert "compare" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("regoptim ")
