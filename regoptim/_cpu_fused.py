@@ -1,0 +1,555 @@
+"""The fused CPU kernel behind ``fused=True`` on CPU tensors.
+
+One pass over every tensor of a (dtype) group per step, every regularizer included, written in a
+small C++ file (``regoptim/csrc/fused_cpu.cpp``, no torch headers) that is compiled at first use
+with the system C++ compiler and loaded with :mod:`ctypes`:
+
+* build cost does not depend on the model: the entry points take tables of data pointers and
+  numels for the whole group, and every hyperparameter (lr, weight decay, l1, betas, ...) is a
+  runtime scalar, so a scheduler or a hand-edited ``param_group`` never triggers a rebuild;
+* the shared object is cached on disk, keyed by a hash of the source, the compiler and its flags
+  and the host CPU, in ``$REGOPTIM_CACHE_DIR`` (else ``$XDG_CACHE_HOME/regoptim``, else
+  ``~/.cache/regoptim``); a second process loads it in milliseconds;
+* the work of all tensors is split evenly over ``torch.get_num_threads()`` OpenMP threads, so many
+  small tensors cost no more than a few large ones.
+
+Float32, bfloat16 and float16 storage, float32 math. With the regularizers torch's fused kernels
+also have (coupled L2, no L1), float32 results are bitwise those of ``torch._fused_sgd_`` /
+``torch._fused_adam_`` / ``torch._fused_adamw_``. Like torch's fused kernels, a ``grad_scale``
+unscales the gradients in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "available",
+    "build_count",
+    "build_info",
+    "fused_prox_adam_",
+    "fused_prox_sgd_",
+    "load",
+]
+
+_SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
+_ABI_VERSION = 1
+
+# Flags shared with fused_cpu.cpp (keep in sync).
+_MAXIMIZE = 1
+_HAS_SCALE = 2
+_COUPLED_WD = 4
+_L1 = 8
+_MOMENTUM = 16
+_FIRST_STEP = 32
+_NESTEROV = 64
+_AMSGRAD = 128
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_REAL_OF_COMPLEX = {torch.complex64: torch.float32}
+
+# Without -ffast-math (it would change results); -ffp-contract=off keeps every FMA explicit in the
+# source; -fno-math-errno / -fno-trapping-math change no result but let sqrt and selects vectorize.
+_BASE_FLAGS = [
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+]
+_NATIVE_FLAGS = ["-march=native"]
+_OPENMP_FLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_build_count = 0
+_info: dict[str, object] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Build, cache, load
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("REGOPTIM_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "regoptim"
+
+
+def _host_id() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    parts = [platform.machine(), platform.system()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part"):
+                    parts.append(line.strip())
+                if line.strip() == "":  # first processor only
+                    break
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _compile(cxx: str, flags: list[str], out_dir: Path, name: str) -> Path:
+    """Compile the kernel into ``out_dir/name`` atomically (temp file + rename)."""
+    global _build_count
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        cmd = [cxx, *flags, str(_SOURCE), "-o", tmp]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        _info["build_seconds"] = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise RuntimeError(
+                f"regoptim: compiling the fused CPU kernel failed:\n  {' '.join(cmd)}\n"
+                f"{res.stderr.strip()}"
+            )
+        _build_count += 1
+        target = out_dir / name
+        os.replace(tmp, target)
+        return target
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _try_load(path: Path) -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(str(path))
+        if lib.regoptim_abi_version() != _ABI_VERSION:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64p = ctypes.c_void_p
+    d = ctypes.c_double
+    lib.regoptim_sgd.restype = ctypes.c_int
+    lib.regoptim_sgd.argtypes = [
+        ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p,
+        d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+    lib.regoptim_adam.restype = ctypes.c_int
+    lib.regoptim_adam.argtypes = [
+        ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p, i64p, i64p, i64p,
+        d, d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int,
+    ]  # fmt: skip
+
+
+def load() -> ctypes.CDLL:
+    """Return the loaded kernel library, compiling it (once, cached on disk) if needed."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        cxx = _compiler()
+        if cxx is None:
+            raise RuntimeError(_no_compiler_message())
+        source = _SOURCE.read_bytes()
+        version = _compiler_version(cxx)
+        t0 = time.perf_counter()
+        lib = None
+        errors = []
+        for flags in (
+            _BASE_FLAGS + _NATIVE_FLAGS + _OPENMP_FLAGS,
+            _BASE_FLAGS + _NATIVE_FLAGS,  # compilers without OpenMP (e.g. Apple clang)
+            _BASE_FLAGS,
+        ):
+            key = hashlib.sha256(
+                b"\0".join(
+                    [source, " ".join(flags).encode(), version.encode(), _host_id().encode()]
+                )
+            ).hexdigest()[:20]
+            name = f"fused_cpu_{key}.so"
+            for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "regoptim-cache"):
+                path = directory / name
+                lib = _try_load(path) if path.exists() else None
+                if lib is not None:
+                    _info.update(source="disk cache", path=str(path))
+                    break
+                try:
+                    path = _compile(cxx, flags, directory, name)
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+                    break  # the flags, not the directory, failed
+                except OSError as exc:  # directory not writable: try the next
+                    errors.append(f"{directory}: {exc}")
+                    continue
+                lib = _try_load(path)
+                if lib is not None:
+                    _info.update(source="compiled", path=str(path))
+                    break
+            if lib is not None:
+                _info["flags"] = flags
+                break
+        if lib is None:
+            raise RuntimeError(
+                "regoptim: could not build the fused CPU kernel (fused=True on CPU needs a C++ "
+                "compiler, g++ or clang++, found via $CXX or PATH):\n" + "\n".join(errors)
+            )
+        _declare(lib)
+        _info["load_seconds"] = time.perf_counter() - t0
+        _info["openmp"] = bool(lib.regoptim_has_openmp())
+        _info["compiler"] = cxx
+        _lib = lib
+        return lib
+
+
+def _no_compiler_message() -> str:
+    return (
+        "fused=True on CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX) to build "
+        "regoptim's fused CPU kernel at first use; none was found. Install one (e.g. "
+        "`apt install g++`) or use fused=None (torch's kernels plus the regularizers' pass)."
+    )
+
+
+def available() -> str | None:
+    """``None`` if the fused CPU kernel can run here, else a message saying what it needs.
+
+    Cheap: checks for a loaded kernel or a C++ compiler; the build happens at the first step.
+    """
+    if _lib is not None:
+        return None
+    if _compiler() is None:
+        return _no_compiler_message()
+    return None
+
+
+def build_count() -> int:
+    """How many times this process has compiled the kernel (0 when it came from the disk cache)."""
+    return _build_count
+
+
+def build_info() -> dict[str, object]:
+    """Where the loaded kernel came from (``source``: "compiled" or "disk cache"), its path,
+    flags, and the seconds spent compiling/loading it."""
+    return dict(_info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pointer tables
+
+
+class _Table:
+    """int64 table, one row per role: numels (real elements), then data pointers."""
+
+    __slots__ = ("key", "n", "rows", "tensor")
+
+    def __init__(self, key: object, rows: list[list[int]]) -> None:
+        self.key = key
+        self.n = len(rows[0])
+        self.tensor = torch.tensor(rows, dtype=torch.int64)
+        base = self.tensor.data_ptr()
+        self.rows = [base + 8 * self.n * r for r in range(len(rows))]
+
+
+class _Prepared:
+    """What one call hands the kernel: a pointer table, plus contiguous stand-ins (copied back
+    after the step) for tensors the kernel cannot address directly."""
+
+    __slots__ = ("copies", "table")
+
+    def __init__(self, table: _Table, copies: list[tuple[Tensor, Tensor]]) -> None:
+        self.table = table
+        self.copies = copies
+
+    def finish(self) -> None:
+        for orig, copy in self.copies:
+            orig.copy_(copy)
+
+
+_tables: dict[tuple[str, int, int, int], _Table] = {}
+_MAX_TABLES = 64
+
+
+def _prepare(
+    tag: str, lists: list[list[Tensor]], written: list[bool], dtype: torch.dtype, n_shaped: int
+) -> _Prepared:
+    """Pointer table for ``lists`` (params first; every list of the same length).
+
+    The table is cached per ``tag`` and reused while every data pointer is the same as when it
+    was built and checked, so a step over unchanged tensors costs one ``data_ptr()`` per tensor.
+    Tensors that are not contiguous get contiguous copies (not cached) that ``finish()`` copies
+    back into the ``written`` roles.
+    """
+    key = tuple(tuple(map(Tensor.data_ptr, lst)) for lst in lists)
+    slot = (tag, len(lists), len(lists[0]), key[0][0])  # one entry per group of tensors
+    hit = _tables.get(slot)
+    if hit is not None and hit.key == key:
+        return _Prepared(hit, [])
+    _validate(lists[:n_shaped], dtype)
+    for lst in lists[n_shaped:]:  # Adam's step counters
+        for s in lst:
+            if s.dtype != torch.float32 or s.numel() != 1 or s.device.type != "cpu":
+                raise TypeError(
+                    "regoptim fused CPU kernel: state_steps must be float32 CPU scalars"
+                )
+    params = lists[0]
+    factor = 2 if params[0].is_complex() else 1
+    numels = [p.numel() * factor for p in params]
+    copies: list[tuple[Tensor, Tensor]] = []
+    rows: list[list[int]] = [numels]
+    for lst, w in zip(lists, written, strict=False):
+        row = []
+        for t in lst:
+            if not t.is_contiguous():
+                c = t.contiguous()
+                row.append(c.data_ptr())
+                copies.append((t, c) if w else (c, c))  # keep unwritten copies alive too
+            else:
+                row.append(t.data_ptr())
+        rows.append(row)
+    table = _Table(key, rows)
+    if not copies:
+        if len(_tables) >= _MAX_TABLES:
+            _tables.clear()
+        _tables[slot] = table
+    return _Prepared(table, [(o, c) for o, c in copies if o is not c])
+
+
+def _validate(lists: list[list[Tensor]], dtype: torch.dtype) -> None:
+    params = lists[0]
+    for lst in lists:
+        for p, t in zip(params, lst, strict=True):
+            if t.device.type != "cpu":
+                raise ValueError(f"regoptim fused CPU kernel: tensor on {t.device}, not CPU")
+            if t.dtype != dtype:
+                raise TypeError(
+                    f"regoptim fused CPU kernel: mixed dtypes in one call ({t.dtype} vs {dtype})"
+                )
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"regoptim fused CPU kernel: shape mismatch {tuple(t.shape)} vs "
+                    f"{tuple(p.shape)}"
+                )
+
+
+def _scalar(x: float | Tensor) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _skip_step(found_inf: Tensor | None) -> bool:
+    return found_inf is not None and float(found_inf.item()) != 0.0
+
+
+def _check(params: Sequence[Tensor], others: Sequence[Sequence[Tensor] | None]) -> torch.dtype:
+    """The storage dtype the kernel runs in (float32 for complex64); checks list lengths."""
+    dtype = params[0].dtype
+    real = _REAL_OF_COMPLEX.get(dtype, dtype)
+    if real not in _DTYPE_CODE:
+        raise TypeError(
+            f"regoptim fused CPU kernel supports float32, bfloat16, float16 (and complex64) "
+            f"parameters, got {dtype}"
+        )
+    for lst in others:
+        if lst is not None and len(lst) != len(params):
+            raise ValueError("regoptim fused CPU kernel: tensor lists of different lengths")
+    return real
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def fused_prox_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    l1: float,
+    is_first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One ProxSGD step over CPU tensors of one dtype (see :func:`regoptim._fused.fused_prox_sgd_`)."""
+    if not params:
+        return
+    dtype = _check(params, [grads, momentum_buffers])
+    if _skip_step(found_inf):
+        return
+    lib = load()
+    lr_f = _scalar(lr)
+    has_mom = momentum != 0.0
+    if has_mom and momentum_buffers is None:
+        raise ValueError("regoptim fused CPU kernel: momentum != 0 needs momentum_buffers")
+    lists: list[list[Tensor]] = [list(params), list(grads)]
+    if has_mom:
+        lists.append(list(momentum_buffers))  # type: ignore[arg-type]
+    complex_l1 = params[0].is_complex() and l1 != 0.0
+    flags = 0
+    if maximize:
+        flags |= _MAXIMIZE
+    if grad_scale is not None:
+        flags |= _HAS_SCALE
+    if weight_decay != 0.0 and not decoupled_weight_decay:
+        flags |= _COUPLED_WD
+    if l1 != 0.0 and not complex_l1:
+        flags |= _L1
+    if has_mom:
+        flags |= _MOMENTUM
+        if is_first_step:
+            flags |= _FIRST_STEP
+        if nesterov:
+            flags |= _NESTEROV
+    decay = 1.0 - lr_f * weight_decay if (weight_decay != 0.0 and decoupled_weight_decay) else 1.0
+
+    prep = _prepare("sgd", lists, [True, grad_scale is not None, True], params[0].dtype, len(lists))
+    rows = prep.table.rows
+    lib.regoptim_sgd(
+        _DTYPE_CODE[dtype],
+        prep.table.n,
+        rows[0],
+        rows[1],
+        rows[2],
+        rows[3] if has_mom else None,
+        lr_f,
+        float(weight_decay),
+        float(momentum),
+        float(dampening),
+        decay,
+        lr_f * l1,
+        _scalar(grad_scale) if grad_scale is not None else 1.0,
+        flags,
+        torch.get_num_threads(),
+    )
+    prep.finish()
+    if complex_l1:
+        # the modulus shrink couples real and imaginary parts: one extra pass per tensor
+        from regoptim.prox import soft_threshold_
+
+        for p in params:
+            soft_threshold_(p, lr_f * l1)
+
+
+def fused_prox_adam_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    l1: float,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One ProxAdam/ProxAdamW step over CPU tensors of one dtype (see
+    :func:`regoptim._fused.fused_prox_adam_`)."""
+    if not params:
+        return
+    dtype = _check(params, [grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps])
+    if params[0].is_complex() and l1 != 0.0:
+        raise NotImplementedError(
+            "regoptim fused CPU kernel: L1 on complex parameters with Adam (the modulus shrink "
+            "couples the real and imaginary parts); use the torch path"
+        )
+    if _skip_step(found_inf):
+        return
+    lib = load()
+    lr_f = _scalar(lr)
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("regoptim fused CPU kernel: amsgrad needs max_exp_avg_sqs")
+    lists: list[list[Tensor]] = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)]
+    if amsgrad:
+        lists.append(list(max_exp_avg_sqs))  # type: ignore[arg-type]
+    n_shaped = len(lists)
+    lists.append(list(state_steps))
+    flags = 0
+    if maximize:
+        flags |= _MAXIMIZE
+    if grad_scale is not None:
+        flags |= _HAS_SCALE
+    if weight_decay != 0.0 and not decoupled_weight_decay:
+        flags |= _COUPLED_WD
+    if l1 != 0.0:
+        flags |= _L1
+    if amsgrad:
+        flags |= _AMSGRAD
+    decay = 1.0 - lr_f * weight_decay if (weight_decay != 0.0 and decoupled_weight_decay) else 1.0
+
+    written = [True, grad_scale is not None, True, True, True][:n_shaped] + [True]
+    prep = _prepare("adam", lists, written, params[0].dtype, n_shaped)
+    rows = prep.table.rows
+    lib.regoptim_adam(
+        _DTYPE_CODE[dtype],
+        prep.table.n,
+        rows[0],
+        rows[1],
+        rows[2],
+        rows[3],
+        rows[4],
+        rows[5] if amsgrad else None,
+        rows[-1],
+        lr_f,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        decay,
+        lr_f * l1,
+        _scalar(grad_scale) if grad_scale is not None else 1.0,
+        flags,
+        torch.get_num_threads(),
+    )
+    prep.finish()
+
+
+if sys.platform == "win32":  # pragma: no cover
+    _BASE_FLAGS = [f for f in _BASE_FLAGS if f != "-fPIC"]

@@ -1,0 +1,458 @@
+// regoptim fused CPU kernel: one pass over all tensors of a (dtype) group for ProxSGD and
+// ProxAdam(W), every regularizer included.
+//
+// No torch headers: this file is compiled at first use by regoptim/_cpu_fused.py in ~1-2 s and
+// cached on disk; the entry points take int64 tables of data pointers and numels for the whole
+// group, and every hyperparameter as a runtime scalar (a new lr, weight decay or l1 never
+// rebuilds anything).
+//
+// Numerics. Storage is float32, bfloat16 or float16; the math is float32. Scalars are rounded to
+// float exactly where torch's fused CPU kernels round them (torch/aten/src/ATen/native/cpu/
+// FusedSGDKernel.cpp, FusedAdamKernel.cpp), and FMAs are written out explicitly (std::fma) where
+// torch's vector code has them, so that with the regularizers torch has the float32 result is
+// bitwise torch's. The file must be compiled with -ffp-contract=off (no implicit FMA) and without
+// -ffast-math; -fno-math-errno / -fno-trapping-math do not change any result.
+//
+// Work split: the elements of all tensors are laid end to end and cut into one contiguous range
+// per thread (cache-line aligned), so 1024 small tensors cost the same as 4 big ones.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define REGOPTIM_ABI_VERSION 1
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Storage types: load to float, store from float.
+
+struct F32 {
+  using T = float;
+  static inline float ld(T x) { return x; }
+  static inline T st(float x) { return x; }
+};
+
+// bfloat16: the top half of a float32. Round to nearest even, NaN -> canonical quiet NaN, as
+// c10::BFloat16's round_to_nearest_even.
+struct BF16 {
+  using T = uint16_t;
+  static inline float ld(T x) {
+    uint32_t u = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static inline T st(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return f != f ? static_cast<T>(0x7FC0u) : static_cast<T>(r);
+  }
+};
+
+// float16 (IEEE binary16). The compiler's _Float16 when it has one (hardware F16C conversions on
+// x86), else bit manipulation; both round to nearest even.
+#if defined(__FLT16_MANT_DIG__) && !defined(REGOPTIM_SOFT_FP16)
+struct F16 {
+  using T = uint16_t;
+  static inline float ld(T x) {
+    _Float16 h;
+    std::memcpy(&h, &x, 2);
+    return static_cast<float>(h);
+  }
+  static inline T st(float f) {
+    _Float16 h = static_cast<_Float16>(f);
+    T x;
+    std::memcpy(&x, &h, 2);
+    return x;
+  }
+};
+#else
+struct F16 {
+  using T = uint16_t;
+  static inline float bits_to_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static inline uint32_t float_to_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+  }
+  static inline float ld(T h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    uint32_t o = static_cast<uint32_t>(h & 0x7FFFu) << 13;  // exponent + mantissa
+    const uint32_t exp = o & (0x7C00u << 13);
+    o += (127u - 15u) << 23;  // rebias
+    float f;
+    if (exp == (0x7C00u << 13)) {
+      f = bits_to_float(o + ((128u - 16u) << 23));  // Inf / NaN
+    } else if (exp == 0) {
+      f = bits_to_float(o + (1u << 23)) - bits_to_float(113u << 23);  // zero / subnormal
+    } else {
+      f = bits_to_float(o);
+    }
+    return bits_to_float(float_to_bits(f) | sign);
+  }
+  static inline T st(float ff) {
+    uint32_t f = float_to_bits(ff);
+    const uint32_t sign = f & 0x80000000u;
+    f ^= sign;
+    uint32_t o;
+    if (f >= ((127u + 16u) << 23)) {  // overflow, Inf or NaN
+      o = f > (255u << 23) ? 0x7E00u : 0x7C00u;
+    } else if (f < (113u << 23)) {  // subnormal or zero: let the FPU round
+      const float denorm_magic = bits_to_float(((127u - 15u) + (23u - 10u) + 1u) << 23);
+      o = float_to_bits(bits_to_float(f) + denorm_magic) - float_to_bits(denorm_magic);
+    } else {
+      const uint32_t mant_odd = (f >> 13) & 1u;
+      f += (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFu;
+      f += mant_odd;
+      o = f >> 13;
+    }
+    return static_cast<T>(o | (sign >> 16));
+  }
+};
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Flags shared with regoptim/_cpu_fused.py (keep in sync).
+
+enum : int {
+  kMaximize = 1,
+  kHasScale = 2,    // divide grads by grad_scale and write the unscaled grads back (as torch)
+  kCoupledWd = 4,   // g += wd * p
+  kL1 = 8,          // soft-threshold after the step
+  kMomentum = 16,   // SGD: momentum buffers given
+  kFirstStep = 32,  // SGD: b <- g
+  kNesterov = 64,   // SGD
+  kAmsgrad = 128,   // Adam
+};
+
+enum : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Propagating max (NaN wins), as at::vec::maximum.
+inline float max_nan(float a, float b) {
+  float m = a > b ? a : b;
+  return (a != a || b != b) ? a + b : m;
+}
+
+// x - clamp(x, -t, t): exact zeros where |x| <= t, one rounding of x -/+ t elsewhere, NaN stays.
+inline float soft_threshold(float x, float t) {
+  float c = x < -t ? -t : (x > t ? t : x);
+  return x - c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SGD
+
+struct SgdScalars {
+  float sign;       // -1 if maximize
+  float scale;      // grad_scale
+  float wd;         // coupled L2
+  float mu;         // momentum
+  float damp1;      // 1 - dampening
+  float decay;      // 1 - lr * wd (decoupled) or 1
+  float neg_lr;     // -lr
+  float l1_t;       // lr * l1
+  bool first;
+  bool nesterov;
+};
+
+template <class S, bool SCALE, bool MOM, bool WD, bool L1>
+void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
+              typename S::T* __restrict b, int64_t n, const SgdScalars& sc) {
+  const float sign = sc.sign, scale = sc.scale, wd = sc.wd, mu = sc.mu, damp1 = sc.damp1,
+              decay = sc.decay, neg_lr = sc.neg_lr, t = sc.l1_t;
+  const bool first = sc.first, nesterov = sc.nesterov;
+  for (int64_t i = 0; i < n; ++i) {
+    float gv = S::ld(g[i]);
+    if (SCALE) {
+      gv = gv / scale;
+      g[i] = S::st(gv);
+    }
+    gv = gv * sign;
+    float pv = S::ld(p[i]);
+    if (WD) gv = std::fma(pv, wd, gv);
+    if (MOM) {
+      const float bv = first ? gv : std::fma(damp1, gv, S::ld(b[i]) * mu);
+      b[i] = S::st(bv);
+      gv = nesterov ? std::fma(bv, mu, gv) : bv;
+    }
+    pv = pv * decay;
+    pv = std::fma(gv, neg_lr, pv);
+    if (L1) pv = soft_threshold(pv, t);
+    p[i] = S::st(pv);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adam / AdamW
+
+struct AdamScalars {
+  float sign, scale, wd, decay;
+  float lerp_w;     // (1 - beta1), or (1 - beta1) - 1 when |1 - beta1| >= 0.5 (torch's lerp)
+  bool lerp_small;  // |1 - beta1| < 0.5
+  float beta2, c2;  // beta2, 1 - beta2
+  float eps;
+  float lr_l1;      // lr * l1
+};
+
+template <class S, bool SCALE, bool AMS, bool WD, bool L1>
+void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
+               typename S::T* __restrict m, typename S::T* __restrict v,
+               typename S::T* __restrict vmax, int64_t n, const AdamScalars& sc,
+               float neg_step_size, float bc2_sqrt) {
+  const float sign = sc.sign, scale = sc.scale, wd = sc.wd, decay = sc.decay, lw = sc.lerp_w,
+              beta2 = sc.beta2, c2 = sc.c2, eps = sc.eps, lr_l1 = sc.lr_l1;
+  const bool small = sc.lerp_small;
+  for (int64_t i = 0; i < n; ++i) {
+    float gv = S::ld(g[i]);
+    if (SCALE) {
+      gv = gv / scale;
+      g[i] = S::st(gv);
+    }
+    gv = gv * sign;
+    float pv = S::ld(p[i]);
+    if (WD) gv = std::fma(pv, wd, gv);
+    pv = pv * decay;
+    float mv = S::ld(m[i]);
+    mv = std::fma(lw, gv - mv, small ? mv : gv);
+    float vv = std::fma(c2 * gv, gv, S::ld(v[i]) * beta2);
+    m[i] = S::st(mv);
+    v[i] = S::st(vv);
+    if (AMS) {
+      vv = max_nan(S::ld(vmax[i]), vv);
+      vmax[i] = S::st(vv);
+    }
+    const float den = std::sqrt(vv) / bc2_sqrt + eps;
+    pv = pv + (neg_step_size * mv) / den;
+    if (L1) pv = soft_threshold(pv, lr_l1 / den);
+    p[i] = S::st(pv);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parallel driver: split sum(numels) into one contiguous range per thread.
+
+constexpr int64_t kAlign = 16;           // elements; a cache line of float32
+constexpr int64_t kMinPerThread = 1 << 15;
+
+template <class F>
+void for_each_range(int64_t ntensors, const int64_t* numels, int nthreads, F&& fn) {
+  std::vector<int64_t> offs(static_cast<size_t>(ntensors) + 1, 0);
+  for (int64_t k = 0; k < ntensors; ++k) offs[k + 1] = offs[k] + numels[k];
+  const int64_t total = offs[ntensors];
+  if (total == 0) return;
+  int64_t nt = nthreads < 1 ? 1 : nthreads;
+  if (nt > 1 && total / nt < kMinPerThread) nt = total / kMinPerThread > 1 ? total / kMinPerThread : 1;
+
+  auto work = [&](int64_t tid, int64_t nthr) {
+    int64_t begin = (total * tid / nthr) / kAlign * kAlign;
+    int64_t end = tid == nthr - 1 ? total : (total * (tid + 1) / nthr) / kAlign * kAlign;
+    if (begin >= end) return;
+    // first tensor whose range ends after `begin`
+    int64_t lo = 0, hi = ntensors;
+    while (lo < hi) {
+      int64_t mid = (lo + hi) / 2;
+      if (offs[mid + 1] <= begin) lo = mid + 1; else hi = mid;
+    }
+    for (int64_t k = lo; k < ntensors && offs[k] < end; ++k) {
+      const int64_t a = (begin > offs[k] ? begin : offs[k]) - offs[k];
+      const int64_t z = (end < offs[k + 1] ? end : offs[k + 1]) - offs[k];
+      if (z > a) fn(k, a, z - a);
+    }
+  };
+
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(static_cast<int>(nt))
+    work(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  work(0, 1);
+}
+
+template <class T>
+inline T* ptr(const int64_t* table, int64_t k) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(table[k]));
+}
+
+template <class S, bool SCALE, bool MOM, bool WD, bool L1>
+void sgd_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
+             const int64_t* bs, const SgdScalars& sc, int nthreads) {
+  using T = typename S::T;
+  for_each_range(n, numels, nthreads, [&](int64_t k, int64_t off, int64_t len) {
+    T* b = MOM ? ptr<T>(bs, k) + off : nullptr;
+    sgd_span<S, SCALE, MOM, WD, L1>(ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc);
+  });
+}
+
+template <class S, bool SCALE, bool AMS, bool WD, bool L1>
+void adam_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
+              const int64_t* ms, const int64_t* vs, const int64_t* vmaxs, const float* neg_ss,
+              const float* bc2s, const AdamScalars& sc, int nthreads) {
+  using T = typename S::T;
+  for_each_range(n, numels, nthreads, [&](int64_t k, int64_t off, int64_t len) {
+    T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
+    adam_span<S, SCALE, AMS, WD, L1>(ptr<T>(ps, k) + off, ptr<T>(gs, k) + off,
+                                     ptr<T>(ms, k) + off, ptr<T>(vs, k) + off, vm, len, sc,
+                                     neg_ss[k], bc2s[k]);
+  });
+}
+
+// Flag dispatch: the template parameters are the flags that change which memory is touched
+// (grad write-back, momentum / max buffers) or add work (coupled decay, prox); the rest are
+// runtime scalars or selects.
+template <class S>
+void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
+                  const int64_t* gs, const int64_t* bs, const SgdScalars& sc, int nthreads) {
+  const int key = ((flags & kHasScale) ? 8 : 0) | ((flags & kMomentum) ? 4 : 0) |
+                  ((flags & kCoupledWd) ? 2 : 0) | ((flags & kL1) ? 1 : 0);
+#define REGOPTIM_SGD_CASE(K)                                                               \
+  case K:                                                                                  \
+    sgd_run<S, (K & 8) != 0, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0>(n, numels, ps, gs, \
+                                                                       bs, sc, nthreads); \
+    break;
+  switch (key) {
+    REGOPTIM_SGD_CASE(0) REGOPTIM_SGD_CASE(1) REGOPTIM_SGD_CASE(2) REGOPTIM_SGD_CASE(3)
+    REGOPTIM_SGD_CASE(4) REGOPTIM_SGD_CASE(5) REGOPTIM_SGD_CASE(6) REGOPTIM_SGD_CASE(7)
+    REGOPTIM_SGD_CASE(8) REGOPTIM_SGD_CASE(9) REGOPTIM_SGD_CASE(10) REGOPTIM_SGD_CASE(11)
+    REGOPTIM_SGD_CASE(12) REGOPTIM_SGD_CASE(13) REGOPTIM_SGD_CASE(14) REGOPTIM_SGD_CASE(15)
+    default: break;
+  }
+#undef REGOPTIM_SGD_CASE
+}
+
+template <class S>
+void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
+                   const int64_t* gs, const int64_t* ms, const int64_t* vs,
+                   const int64_t* vmaxs, const float* neg_ss, const float* bc2s,
+                   const AdamScalars& sc, int nthreads) {
+  const int key = ((flags & kHasScale) ? 8 : 0) | ((flags & kAmsgrad) ? 4 : 0) |
+                  ((flags & kCoupledWd) ? 2 : 0) | ((flags & kL1) ? 1 : 0);
+#define REGOPTIM_ADAM_CASE(K)                                                                  \
+  case K:                                                                                      \
+    adam_run<S, (K & 8) != 0, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0>(                      \
+        n, numels, ps, gs, ms, vs, vmaxs, neg_ss, bc2s, sc, nthreads);                         \
+    break;
+  switch (key) {
+    REGOPTIM_ADAM_CASE(0) REGOPTIM_ADAM_CASE(1) REGOPTIM_ADAM_CASE(2) REGOPTIM_ADAM_CASE(3)
+    REGOPTIM_ADAM_CASE(4) REGOPTIM_ADAM_CASE(5) REGOPTIM_ADAM_CASE(6) REGOPTIM_ADAM_CASE(7)
+    REGOPTIM_ADAM_CASE(8) REGOPTIM_ADAM_CASE(9) REGOPTIM_ADAM_CASE(10) REGOPTIM_ADAM_CASE(11)
+    REGOPTIM_ADAM_CASE(12) REGOPTIM_ADAM_CASE(13) REGOPTIM_ADAM_CASE(14) REGOPTIM_ADAM_CASE(15)
+    default: break;
+  }
+#undef REGOPTIM_ADAM_CASE
+}
+
+}  // namespace
+
+extern "C" {
+
+int regoptim_abi_version() { return REGOPTIM_ABI_VERSION; }
+
+int regoptim_has_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// One ProxSGD step over `n` tensors of one dtype. Tables hold data pointers (as int64) of
+// contiguous tensors; `bufs` may be null without kMomentum. `l1_t` is lr * l1, `decay` is
+// 1 - lr * wd for decoupled decay (else 1), `weight_decay` the coupled L2 coefficient.
+int regoptim_sgd(int dtype, int64_t n, const int64_t* numels, const int64_t* params,
+                 const int64_t* grads, const int64_t* bufs, double lr, double weight_decay,
+                 double momentum, double dampening, double decay, double l1_t,
+                 double grad_scale, int flags, int nthreads) {
+  SgdScalars sc;
+  sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
+  sc.scale = static_cast<float>(grad_scale);
+  sc.wd = static_cast<float>(weight_decay);
+  sc.mu = static_cast<float>(momentum);
+  sc.damp1 = static_cast<float>(1.0 - dampening);
+  sc.decay = static_cast<float>(decay);
+  sc.neg_lr = static_cast<float>(-lr);
+  sc.l1_t = static_cast<float>(l1_t);
+  sc.first = (flags & kFirstStep) != 0;
+  sc.nesterov = (flags & kNesterov) != 0;
+  switch (dtype) {
+    case kFloat32: sgd_dispatch<F32>(flags, n, numels, params, grads, bufs, sc, nthreads); break;
+    case kBFloat16: sgd_dispatch<BF16>(flags, n, numels, params, grads, bufs, sc, nthreads); break;
+    case kFloat16: sgd_dispatch<F16>(flags, n, numels, params, grads, bufs, sc, nthreads); break;
+    default: return -1;
+  }
+  return 0;
+}
+
+// One ProxAdam(W) step over `n` tensors of one dtype. `steps` holds pointers to the float32
+// step counters, incremented here. `decay` is 1 - lr * wd for AdamW (else 1), `weight_decay`
+// the coupled L2 coefficient, `lr_l1` is lr * l1.
+int regoptim_adam(int dtype, int64_t n, const int64_t* numels, const int64_t* params,
+                  const int64_t* grads, const int64_t* exp_avgs, const int64_t* exp_avg_sqs,
+                  const int64_t* max_exp_avg_sqs, const int64_t* steps, double lr, double beta1,
+                  double beta2, double eps, double weight_decay, double decay, double lr_l1,
+                  double grad_scale, int flags, int nthreads) {
+  AdamScalars sc;
+  sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
+  sc.scale = static_cast<float>(grad_scale);
+  sc.wd = static_cast<float>(weight_decay);
+  sc.decay = static_cast<float>(decay);
+  const float c1 = static_cast<float>(1.0 - beta1);
+  sc.lerp_small = std::fabs(c1) < 0.5f;
+  sc.lerp_w = sc.lerp_small ? c1 : c1 - 1.0f;
+  sc.beta2 = static_cast<float>(beta2);
+  sc.c2 = static_cast<float>(1.0 - beta2);
+  sc.eps = static_cast<float>(eps);
+  sc.lr_l1 = static_cast<float>(lr_l1);
+
+  // Per-tensor bias corrections, in double as torch (step counters may differ per tensor).
+  std::vector<float> neg_ss(static_cast<size_t>(n)), bc2s(static_cast<size_t>(n));
+  float last_step = -1.0f;
+  float last_neg_ss = 0.0f, last_bc2s = 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    float* sp = ptr<float>(steps, k);
+    const float step = *sp + 1.0f;
+    *sp = step;
+    if (step != last_step) {
+      const double s = static_cast<double>(step);
+      const double bc1 = 1.0 - std::pow(beta1, s);
+      const double bc2 = 1.0 - std::pow(beta2, s);
+      last_neg_ss = static_cast<float>(-(lr / bc1));
+      last_bc2s = static_cast<float>(std::sqrt(bc2));
+      last_step = step;
+    }
+    neg_ss[k] = last_neg_ss;
+    bc2s[k] = last_bc2s;
+  }
+  const float* nss = neg_ss.data();
+  const float* b2s = bc2s.data();
+  switch (dtype) {
+    case kFloat32:
+      adam_dispatch<F32>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                         nss, b2s, sc, nthreads);
+      break;
+    case kBFloat16:
+      adam_dispatch<BF16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs,
+                          max_exp_avg_sqs, nss, b2s, sc, nthreads);
+      break;
+    case kFloat16:
+      adam_dispatch<F16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs,
+                         max_exp_avg_sqs, nss, b2s, sc, nthreads);
+      break;
+    default: return -1;
+  }
+  return 0;
+}
+
+}  // extern "C"
