@@ -8,7 +8,8 @@
   (``ProxAdamW``'s ``weight_decay=1e-2``, ``ProxSGD(..., l1=...)``) cannot leak into it. By default
   it holds
 
-  - every bias (a parameter whose own name is ``bias``), whatever its shape;
+  - every bias (a parameter whose own name is ``bias`` or ends in ``_bias``, as
+    ``nn.MultiheadAttention``'s ``in_proj_bias``), whatever its shape;
   - every parameter with ``ndim <= 1``: norm-layer scales and shifts (BatchNorm, LayerNorm,
     GroupNorm, RMSNorm), learned scalars, per-channel gains. Shrinking a norm layer's scale
     towards 0 does not simplify the model, it only rescales the next layer;
@@ -66,6 +67,11 @@ def _no_weight_decay_names(model: nn.Module) -> set[str]:
         for name in result:
             names.add(f"{prefix}.{name}" if prefix else str(name))
     return names
+
+
+def _is_bias(name: str) -> bool:
+    own = name.rsplit(".", 1)[-1]
+    return own == "bias" or own.endswith("_bias")  # e.g. MultiheadAttention's in_proj_bias
 
 
 def _embedding_weights(model: nn.Module) -> set[int]:
@@ -141,7 +147,7 @@ def param_groups(
 
     def exempt(name: str, p: Tensor) -> bool:
         return (
-            name.rsplit(".", 1)[-1] == "bias"
+            _is_bias(name)
             or (exempt_1d and p.ndim <= 1)
             or id(p) in embeddings
             or name in no_wd

@@ -97,6 +97,13 @@ def test_param_groups_no_weight_decay_on_submodule():
     assert _names(outer, ex) == {"0.table", "0.lin.bias"}
 
 
+def test_param_groups_attention_biases():
+    mha = nn.MultiheadAttention(4, 2)
+    reg, ex = param_groups(mha, exempt_1d=False)
+    assert _names(mha, reg) == {"in_proj_weight", "out_proj.weight"}
+    assert _names(mha, ex) == {"in_proj_bias", "out_proj.bias"}
+
+
 def test_param_groups_drops_empty_group():
     groups = param_groups(nn.LayerNorm(4), weight_decay=0.1)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
@@ -340,11 +347,12 @@ class Block:
         if name.split('.')[0] in ('matplotlib', 'sklearn'):
             raise ImportError('blocked ' + name)
 sys.meta_path.insert(0, Block())
-import regoptim, regoptim.groups, regoptim.penalties, regoptim.sparsity, regoptim.plots
-import regoptim.cli, regoptim.train
+import regoptim, regoptim.groups, regoptim.penalties, regoptim.cli, regoptim.train
+from regoptim.plots import plot_sparsity
+from regoptim.sparsity import sparsity
 assert 'matplotlib' not in sys.modules and 'sklearn' not in sys.modules
 try:
-    regoptim.plots.plot_sparsity(regoptim.sparsity.sparsity([]))
+    plot_sparsity(sparsity([]))
 except ImportError as e:
     assert "regoptim[plots]" in str(e), e
     print("ok")
