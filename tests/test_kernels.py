@@ -703,6 +703,42 @@ def test_custom_ops_are_registered():
     assert "!)[] grads" not in sgd_schema and "!)[] grads" not in adam_schema
 
 
+def test_custom_ops_pass_opcheck(device):
+    """torch's own checks: declared mutations, fake-tensor and AOT-dispatch behaviour."""
+    import regoptim._kernels._adam  # noqa: F401
+    import regoptim._kernels._sgd  # noqa: F401
+
+    params = _make([5, 1025], torch.float32, device, 0)
+    grads = _make([5, 1025], torch.float32, device, 1)
+    bufs = _make([5, 1025], torch.float32, device, 2)
+    lr = torch.tensor(0.1, device=device)
+    sgd_args = (
+        params,
+        grads,
+        bufs,
+        0.0,
+        lr,
+        0.1,
+        0.9,
+        0.0,
+        True,
+        False,
+        True,
+        0.5,
+        False,
+        None,
+        None,
+    )
+    torch.library.opcheck(torch.ops.regoptim.fused_prox_sgd_.default, sgd_args)
+    state = _adam_state(params, True)
+    one, zero = torch.tensor(1.0, device=device), torch.tensor(0.0, device=device)
+    adam_args = (
+        params, grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
+        state["state_steps"], 0.01, None, 0.9, 0.999, 1e-8, 0.1, True, True, 2.0, False, one, zero,
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.regoptim.fused_prox_adam_.default, adam_args)
+
+
 def test_torch_compile_sgd_step(device):
     sizes = [5, 1025]
 
@@ -775,3 +811,42 @@ def test_mismatched_lists_are_a_clear_error(device):
             decoupled_weight_decay=False, l1=0.0, is_first_step=False, grad_scale=None,
             found_inf=None,
         )  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    INTERPRETING or not torch.cuda.is_available(), reason="needs CUDA and TRITON_INTERPRET=0"
+)
+def test_cuda_steady_state_step_needs_no_host_sync():
+    """After the first step (tables built and cached), a step never synchronises with the host."""
+    sizes = [5, 1025, 4097]
+    params = _make(sizes, torch.float32, "cuda", 0)
+    grads = _make(sizes, torch.float32, "cuda", 1)
+    state = _adam_state(params, True)
+    bufs = [torch.empty_like(p) for p in params]
+    lr = torch.tensor(1e-3, device="cuda")
+    found_inf, grad_scale = torch.zeros((), device="cuda"), torch.ones((), device="cuda")
+
+    def steps(first: bool) -> None:
+        fused_prox_sgd_(
+            params, grads, bufs, lr=lr, weight_decay=0.1, momentum=0.9, dampening=0.0,
+            nesterov=True, maximize=False, decoupled_weight_decay=True, l1=0.5,
+            is_first_step=first, grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+        fused_prox_adam_(
+            params, grads, **state, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+            decoupled_weight_decay=True, amsgrad=True, l1=2.0, maximize=False,
+            grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+
+    steps(True)
+    steps(False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            lr.mul_(0.5)
+            steps(False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
