@@ -364,8 +364,8 @@ def _format_table(header: Sequence[str], body: Iterable[Sequence[str]], *, left:
         ]
         return "  ".join(cells).rstrip()
 
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(lines[0]), rule, *(fmt(line) for line in lines[1:])])
+    rule = "  ".join(("-" if h else " ") * w for h, w in zip(header, widths, strict=True))
+    return "\n".join([fmt(lines[0]), rule.rstrip(), *(fmt(line) for line in lines[1:])])
 
 
 def compare(

@@ -365,3 +365,15 @@ def test_imports_without_matplotlib_or_sklearn():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_public_exports():
+    import regoptim
+
+    if not hasattr(regoptim, "param_groups"):
+        pytest.skip("regoptim/__init__.py does not export the workflow API yet")
+    assert regoptim.param_groups is param_groups
+    assert regoptim.l1_penalty is l1_penalty and regoptim.l2_penalty is l2_penalty
+    # the function shadows the submodule of the same name: regoptim.sparsity(model) must work
+    assert regoptim.sparsity is sparsity
+    assert regoptim.SparsityReport is SparsityReport
