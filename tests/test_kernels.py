@@ -20,7 +20,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from regoptim._kernels import available, fused_prox_adam_, fused_prox_sgd_  # noqa: E402
-from tolerances import assert_close_to_ref  # noqa: E402
+from tolerances import TOL, assert_close_to_ref  # noqa: E402
 
 from regoptim.reference import adam_step, sgd_step  # noqa: E402
 
@@ -312,6 +312,69 @@ def test_adam_many_tensors_one_launch(device, monkeypatch):
     grids = _record_grids(monkeypatch, _adam._prox_adam_kernel)
     run_adam(sizes, torch.bfloat16, device, steps=2, **ADAM_REPRESENTATIVE["adamw_l1"])
     assert grids == [sum(-(-n // 1024) for n in sizes)] * 2
+
+
+TORCH_SGD = {
+    "plain": dict(momentum=0.0, weight_decay=0.0),
+    "momentum_dampening_l2": dict(momentum=0.9, dampening=0.1, weight_decay=0.1),
+    "nesterov_l2_max": dict(momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
+}
+TORCH_ADAM = {
+    "adam_l2_amsgrad": (torch.optim.Adam, dict(weight_decay=0.1, amsgrad=True)),
+    "adamw_max": (torch.optim.AdamW, dict(weight_decay=0.1, maximize=True)),
+}
+
+
+@pytest.mark.parametrize("flags", TORCH_SGD.values(), ids=TORCH_SGD.keys())
+def test_sgd_equals_torch_optim_float32(device, flags):
+    """With l1 = 0 and coupled decay the kernel is torch.optim.SGD (float32 table bounds)."""
+    sizes = [5, 1025]
+    params = _make(sizes, torch.float32, device, 0)
+    theirs = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.SGD(theirs, lr=0.1, foreach=False, **flags)
+    bufs = [torch.empty_like(p) for p in params] if flags["momentum"] else None
+    for step in range(4):
+        grads = _make(sizes, torch.float32, device, step + 1)
+        for t, g in zip(theirs, grads, strict=True):
+            t.grad = g.clone()
+        opt.step()
+        fused_prox_sgd_(
+            params, grads, bufs, lr=0.1, dampening=flags.get("dampening", 0.0),
+            nesterov=flags.get("nesterov", False), maximize=flags.get("maximize", False),
+            momentum=flags["momentum"], weight_decay=flags["weight_decay"],
+            decoupled_weight_decay=False, l1=0.0, is_first_step=step == 0, grad_scale=None,
+            found_inf=None,
+        )  # fmt: skip
+    for p, t in zip(params, theirs, strict=True):
+        torch.testing.assert_close(p, t.detach(), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", TORCH_ADAM.values(), ids=TORCH_ADAM.keys())
+def test_adam_equals_torch_optim_float32(device, case):
+    """With l1 = 0 the kernel is torch.optim.Adam / AdamW (float32 table bounds)."""
+    cls, flags = case
+    sizes = [5, 1025]
+    params = _make(sizes, torch.float32, device, 0)
+    theirs = [p.clone().requires_grad_() for p in params]
+    opt = cls(theirs, lr=1e-2, foreach=False, **flags)
+    state = _adam_state(params, flags.get("amsgrad", False))
+    for step in range(4):
+        grads = _make(sizes, torch.float32, device, step + 1)
+        for t, g in zip(theirs, grads, strict=True):
+            t.grad = g.clone()
+        opt.step()
+        fused_prox_adam_(
+            params, grads, **state, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=flags["weight_decay"], decoupled_weight_decay=cls is torch.optim.AdamW,
+            amsgrad=flags.get("amsgrad", False), l1=0.0, maximize=flags.get("maximize", False),
+            grad_scale=None, found_inf=None,
+        )  # fmt: skip
+    for p, t in zip(params, theirs, strict=True):
+        torch.testing.assert_close(p, t.detach(), **TOL[torch.float32])
+    for i, t in enumerate(theirs):
+        torch.testing.assert_close(
+            state["exp_avg_sqs"][i], opt.state[t]["exp_avg_sq"], **TOL[torch.float32]
+        )
 
 
 # ------------------------------------------------------------------------------------------------
