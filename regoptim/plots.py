@@ -71,7 +71,8 @@ def plot_weight_distributions(
             ``(name, tensor)`` pairs, as :func:`regoptim.sparsity` takes). Drawn in grey behind
             every panel.
         after: the trained weights, or a mapping ``{label: weights}`` to draw one panel per
-            label (all panels share x and y).
+            label (all panels share x and y). A mapping whose values are all tensors is taken
+            as one ``state_dict``, not as labels.
         bins: number of bins (odd numbers put 0 at the centre of a bin), spanning
             ``[-m, m]`` with ``m`` the largest magnitude over all inputs.
         path: where to write the figure, if given.
