@@ -54,7 +54,6 @@ SUPPORTED_DTYPES: dict[torch.dtype, tl.dtype] = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
     torch.complex64: tl.float32,
-    torch.complex32: tl.float16,
 }
 
 _PLAN_CACHE_SIZE = 32
