@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 
 # Flags shared with fused_cpu.cpp (keep in sync).
 _MAXIMIZE = 1
@@ -65,7 +65,8 @@ _REAL_OF_COMPLEX = {torch.complex64: torch.float32}
 # Without -ffast-math (it would change results); -ffp-contract=off keeps every FMA explicit in the
 # source; -fno-math-errno / -fno-trapping-math change no result but let sqrt and selects vectorize.
 _BASE_FLAGS = [
-    "-O3",
+    "-O2",
+    "-fno-unswitch-loops",  # the element loops are `omp simd` with blends; halves the build
     "-std=c++17",
     "-shared",
     "-fPIC",
@@ -167,12 +168,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.regoptim_sgd.restype = ctypes.c_int
     lib.regoptim_sgd.argtypes = [
         ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p,
-        d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int,
+        d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
     ]  # fmt: skip
     lib.regoptim_adam.restype = ctypes.c_int
     lib.regoptim_adam.argtypes = [
         ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p, i64p, i64p, i64p,
-        d, d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int,
+        d, d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
     ]  # fmt: skip
 
 
@@ -366,6 +367,23 @@ def _validate(lists: list[list[Tensor]], dtype: torch.dtype) -> None:
                 )
 
 
+_tail_width: int | None = None
+
+
+def _torch_tail_width() -> int:
+    """Vector width (float32 lanes) of torch's CPU kernels: the last ``numel % width`` elements
+    of each tensor go through torch's scalar loop, whose float32 rounding the kernel mirrors
+    there (0: no mirroring)."""
+    global _tail_width
+    if _tail_width is None:
+        try:
+            cap = torch.backends.cpu.get_cpu_capability()
+        except (AttributeError, RuntimeError):  # pragma: no cover
+            cap = ""
+        _tail_width = {"AVX512": 16, "AVX2": 8}.get(cap, 0)
+    return _tail_width
+
+
 def _scalar(x: float | Tensor) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
@@ -460,6 +478,7 @@ def fused_prox_sgd_(
         _scalar(grad_scale) if grad_scale is not None else 1.0,
         flags,
         torch.get_num_threads(),
+        _torch_tail_width(),
     )
     prep.finish()
     if complex_l1:
@@ -547,6 +566,7 @@ def fused_prox_adam_(
         _scalar(grad_scale) if grad_scale is not None else 1.0,
         flags,
         torch.get_num_threads(),
+        _torch_tail_width(),
     )
     prep.finish()
 

@@ -25,7 +25,14 @@
 #include <omp.h>
 #endif
 
-#define REGOPTIM_ABI_VERSION 1
+#define REGOPTIM_ABI_VERSION 2
+
+// Element loops are vectorized explicitly (the selects on runtime flags become blends).
+#if defined(_OPENMP) || defined(REGOPTIM_OPENMP_SIMD)
+#define REGOPTIM_SIMD _Pragma("omp simd")
+#else
+#define REGOPTIM_SIMD
+#endif
 
 namespace {
 
@@ -144,6 +151,17 @@ inline float max_nan(float a, float b) {
   return (a != a || b != b) ? a + b : m;
 }
 
+// mask ? a : b for an all-ones / all-zeros mask, as bit operations (vectorizes as a blend).
+inline float select(uint32_t mask, float a, float b) {
+  uint32_t ua, ub;
+  std::memcpy(&ua, &a, 4);
+  std::memcpy(&ub, &b, 4);
+  const uint32_t r = (ua & mask) | (ub & ~mask);
+  float f;
+  std::memcpy(&f, &r, 4);
+  return f;
+}
+
 // x - clamp(x, -t, t): exact zeros where |x| <= t, one rounding of x -/+ t elsewhere, NaN stays.
 inline float soft_threshold(float x, float t) {
   float c = x < -t ? -t : (x > t ? t : x);
@@ -162,16 +180,21 @@ struct SgdScalars {
   float decay;      // 1 - lr * wd (decoupled) or 1
   float neg_lr;     // -lr
   float l1_t;       // lr * l1
-  bool first;
-  bool nesterov;
+  uint32_t wd_mask, first_mask, nesterov_mask, l1_mask;  // all-ones where the flag is set
 };
 
-template <class S, bool SCALE, bool MOM, bool WD, bool L1>
+// `tail_mask`: all-ones on the last numel % (torch's vector width) elements of a tensor, which
+// torch's kernel updates in its scalar loop, where the compiler contracted the momentum update
+// the other way round: fma(b, mu, g * (1 - dampening)) instead of fma(1 - dampening, g, b * mu).
+template <class S, bool SCALE, bool MOM>
 void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
-              typename S::T* __restrict b, int64_t n, const SgdScalars& sc) {
+              typename S::T* __restrict b, int64_t n, const SgdScalars& sc,
+              uint32_t tail_mask) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, mu = sc.mu, damp1 = sc.damp1,
               decay = sc.decay, neg_lr = sc.neg_lr, t = sc.l1_t;
-  const bool first = sc.first, nesterov = sc.nesterov;
+  const uint32_t wd_mask = sc.wd_mask, first_mask = sc.first_mask,
+                 nesterov_mask = sc.nesterov_mask, l1_mask = sc.l1_mask;
+  REGOPTIM_SIMD
   for (int64_t i = 0; i < n; ++i) {
     float gv = S::ld(g[i]);
     if (SCALE) {
@@ -180,15 +203,18 @@ void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
     }
     gv = gv * sign;
     float pv = S::ld(p[i]);
-    if (WD) gv = std::fma(pv, wd, gv);
+    gv = select(wd_mask, std::fma(pv, wd, gv), gv);
     if (MOM) {
-      const float bv = first ? gv : std::fma(damp1, gv, S::ld(b[i]) * mu);
+      const float bo = S::ld(b[i]);
+      const float body = std::fma(damp1, gv, bo * mu);
+      const float tail = std::fma(bo, mu, gv * damp1);
+      const float bv = select(first_mask, gv, select(tail_mask, tail, body));
       b[i] = S::st(bv);
-      gv = nesterov ? std::fma(bv, mu, gv) : bv;
+      gv = select(nesterov_mask, std::fma(bv, mu, gv), bv);
     }
     pv = pv * decay;
     pv = std::fma(gv, neg_lr, pv);
-    if (L1) pv = soft_threshold(pv, t);
+    pv = select(l1_mask, soft_threshold(pv, t), pv);
     p[i] = S::st(pv);
   }
 }
@@ -198,21 +224,25 @@ void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
 
 struct AdamScalars {
   float sign, scale, wd, decay;
-  float lerp_w;     // (1 - beta1), or (1 - beta1) - 1 when |1 - beta1| >= 0.5 (torch's lerp)
-  bool lerp_small;  // |1 - beta1| < 0.5
-  float beta2, c2;  // beta2, 1 - beta2
+  float lerp_w;         // (1 - beta1), or (1 - beta1) - 1 when |1 - beta1| >= 0.5 (torch's lerp)
+  uint32_t small_mask;  // all-ones when |1 - beta1| < 0.5
+  uint32_t wd_mask;     // all-ones with coupled L2
+  float beta2, c2;      // beta2, 1 - beta2
   float eps;
-  float lr_l1;      // lr * l1
+  float lr_l1;          // lr * l1
 };
 
-template <class S, bool SCALE, bool AMS, bool WD, bool L1>
+// `tail_mask` as for SGD: torch's scalar loop contracts v * beta2 + (1 - beta2) * g * g as
+// fma(v, beta2, ...) where its vector loop has fma(..., g, v * beta2).
+template <class S, bool SCALE, bool AMS, bool L1>
 void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
                typename S::T* __restrict m, typename S::T* __restrict v,
                typename S::T* __restrict vmax, int64_t n, const AdamScalars& sc,
-               float neg_step_size, float bc2_sqrt) {
+               float neg_step_size, float bc2_sqrt, uint32_t tail_mask) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, decay = sc.decay, lw = sc.lerp_w,
               beta2 = sc.beta2, c2 = sc.c2, eps = sc.eps, lr_l1 = sc.lr_l1;
-  const bool small = sc.lerp_small;
+  const uint32_t small_mask = sc.small_mask, wd_mask = sc.wd_mask;
+  REGOPTIM_SIMD
   for (int64_t i = 0; i < n; ++i) {
     float gv = S::ld(g[i]);
     if (SCALE) {
@@ -221,11 +251,13 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
     }
     gv = gv * sign;
     float pv = S::ld(p[i]);
-    if (WD) gv = std::fma(pv, wd, gv);
+    gv = select(wd_mask, std::fma(pv, wd, gv), gv);
     pv = pv * decay;
     float mv = S::ld(m[i]);
-    mv = std::fma(lw, gv - mv, small ? mv : gv);
-    float vv = std::fma(c2 * gv, gv, S::ld(v[i]) * beta2);
+    mv = std::fma(lw, gv - mv, select(small_mask, mv, gv));
+    const float vo = S::ld(v[i]);
+    const float c2g = c2 * gv;
+    float vv = select(tail_mask, std::fma(vo, beta2, c2g * gv), std::fma(c2g, gv, vo * beta2));
     m[i] = S::st(mv);
     v[i] = S::st(vv);
     if (AMS) {
@@ -245,8 +277,11 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
 constexpr int64_t kAlign = 16;           // elements; a cache line of float32
 constexpr int64_t kMinPerThread = 1 << 15;
 
+// Calls fn(k, offset, length, tail_mask) over this thread's share of the elements; a range is
+// split where torch's scalar tail of tensor k starts (numel - numel % tail_width).
 template <class F>
-void for_each_range(int64_t ntensors, const int64_t* numels, int nthreads, F&& fn) {
+void for_each_range(int64_t ntensors, const int64_t* numels, int nthreads, int64_t tail_width,
+                    F&& fn) {
   std::vector<int64_t> offs(static_cast<size_t>(ntensors) + 1, 0);
   for (int64_t k = 0; k < ntensors; ++k) offs[k + 1] = offs[k] + numels[k];
   const int64_t total = offs[ntensors];
@@ -267,7 +302,10 @@ void for_each_range(int64_t ntensors, const int64_t* numels, int nthreads, F&& f
     for (int64_t k = lo; k < ntensors && offs[k] < end; ++k) {
       const int64_t a = (begin > offs[k] ? begin : offs[k]) - offs[k];
       const int64_t z = (end < offs[k + 1] ? end : offs[k + 1]) - offs[k];
-      if (z > a) fn(k, a, z - a);
+      if (z <= a) continue;
+      const int64_t ts = tail_width > 0 ? numels[k] - numels[k] % tail_width : numels[k];
+      if (a < ts) fn(k, a, (z < ts ? z : ts) - a, 0u);
+      if (z > ts) fn(k, a > ts ? a : ts, z - (a > ts ? a : ts), 0xFFFFFFFFu);
     }
   };
 
@@ -286,69 +324,61 @@ inline T* ptr(const int64_t* table, int64_t k) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(table[k]));
 }
 
-template <class S, bool SCALE, bool MOM, bool WD, bool L1>
+template <class S, bool SCALE, bool MOM>
 void sgd_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
-             const int64_t* bs, const SgdScalars& sc, int nthreads) {
+             const int64_t* bs, const SgdScalars& sc, int nthreads, int64_t tail_width) {
   using T = typename S::T;
-  for_each_range(n, numels, nthreads, [&](int64_t k, int64_t off, int64_t len) {
-    T* b = MOM ? ptr<T>(bs, k) + off : nullptr;
-    sgd_span<S, SCALE, MOM, WD, L1>(ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc);
-  });
+  for_each_range(n, numels, nthreads, tail_width,
+                 [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
+                   T* b = MOM ? ptr<T>(bs, k) + off : nullptr;
+                   sgd_span<S, SCALE, MOM>(ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc,
+                                           tail);
+                 });
 }
 
-template <class S, bool SCALE, bool AMS, bool WD, bool L1>
+template <class S, bool SCALE, bool AMS, bool L1>
 void adam_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
               const int64_t* ms, const int64_t* vs, const int64_t* vmaxs, const float* neg_ss,
-              const float* bc2s, const AdamScalars& sc, int nthreads) {
+              const float* bc2s, const AdamScalars& sc, int nthreads, int64_t tail_width) {
   using T = typename S::T;
-  for_each_range(n, numels, nthreads, [&](int64_t k, int64_t off, int64_t len) {
-    T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
-    adam_span<S, SCALE, AMS, WD, L1>(ptr<T>(ps, k) + off, ptr<T>(gs, k) + off,
-                                     ptr<T>(ms, k) + off, ptr<T>(vs, k) + off, vm, len, sc,
-                                     neg_ss[k], bc2s[k]);
-  });
+  for_each_range(n, numels, nthreads, tail_width,
+                 [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
+                   T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
+                   adam_span<S, SCALE, AMS, L1>(ptr<T>(ps, k) + off, ptr<T>(gs, k) + off,
+                                                ptr<T>(ms, k) + off, ptr<T>(vs, k) + off, vm,
+                                                len, sc, neg_ss[k], bc2s[k], tail);
+                 });
 }
 
-// Flag dispatch: the template parameters are the flags that change which memory is touched
-// (grad write-back, momentum / max buffers) or add work (coupled decay, prox); the rest are
-// runtime scalars or selects.
+// Flag dispatch: template parameters only for what changes the memory touched (grad write-back,
+// momentum / max buffers) or adds real work (the prox's division in Adam); the other flags are
+// all-ones / all-zeros masks (blends in the vector code).
 template <class S>
 void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
-                  const int64_t* gs, const int64_t* bs, const SgdScalars& sc, int nthreads) {
-  const int key = ((flags & kHasScale) ? 8 : 0) | ((flags & kMomentum) ? 4 : 0) |
-                  ((flags & kCoupledWd) ? 2 : 0) | ((flags & kL1) ? 1 : 0);
-#define REGOPTIM_SGD_CASE(K)                                                               \
-  case K:                                                                                  \
-    sgd_run<S, (K & 8) != 0, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0>(n, numels, ps, gs, \
-                                                                       bs, sc, nthreads); \
-    break;
-  switch (key) {
-    REGOPTIM_SGD_CASE(0) REGOPTIM_SGD_CASE(1) REGOPTIM_SGD_CASE(2) REGOPTIM_SGD_CASE(3)
-    REGOPTIM_SGD_CASE(4) REGOPTIM_SGD_CASE(5) REGOPTIM_SGD_CASE(6) REGOPTIM_SGD_CASE(7)
-    REGOPTIM_SGD_CASE(8) REGOPTIM_SGD_CASE(9) REGOPTIM_SGD_CASE(10) REGOPTIM_SGD_CASE(11)
-    REGOPTIM_SGD_CASE(12) REGOPTIM_SGD_CASE(13) REGOPTIM_SGD_CASE(14) REGOPTIM_SGD_CASE(15)
-    default: break;
-  }
-#undef REGOPTIM_SGD_CASE
+                  const int64_t* gs, const int64_t* bs, const SgdScalars& sc, int nthreads,
+                  int64_t tw) {
+  const bool scale = (flags & kHasScale) != 0, mom = (flags & kMomentum) != 0;
+  if (scale && mom) sgd_run<S, true, true>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  else if (scale) sgd_run<S, true, false>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  else if (mom) sgd_run<S, false, true>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  else sgd_run<S, false, false>(n, numels, ps, gs, bs, sc, nthreads, tw);
 }
 
 template <class S>
 void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
                    const int64_t* gs, const int64_t* ms, const int64_t* vs,
-                   const int64_t* vmaxs, const float* neg_ss, const float* bc2s,
-                   const AdamScalars& sc, int nthreads) {
-  const int key = ((flags & kHasScale) ? 8 : 0) | ((flags & kAmsgrad) ? 4 : 0) |
-                  ((flags & kCoupledWd) ? 2 : 0) | ((flags & kL1) ? 1 : 0);
-#define REGOPTIM_ADAM_CASE(K)                                                                  \
-  case K:                                                                                      \
-    adam_run<S, (K & 8) != 0, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0>(                      \
-        n, numels, ps, gs, ms, vs, vmaxs, neg_ss, bc2s, sc, nthreads);                         \
+                   const int64_t* vmaxs, const float* nss, const float* b2s,
+                   const AdamScalars& sc, int nthreads, int64_t tw) {
+  const int key = ((flags & kHasScale) ? 4 : 0) | ((flags & kAmsgrad) ? 2 : 0) |
+                  ((flags & kL1) ? 1 : 0);
+#define REGOPTIM_ADAM_CASE(K)                                                             \
+  case K:                                                                                 \
+    adam_run<S, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0>(n, numels, ps, gs, ms, vs, vmaxs, \
+                                                          nss, b2s, sc, nthreads, tw);    \
     break;
   switch (key) {
     REGOPTIM_ADAM_CASE(0) REGOPTIM_ADAM_CASE(1) REGOPTIM_ADAM_CASE(2) REGOPTIM_ADAM_CASE(3)
     REGOPTIM_ADAM_CASE(4) REGOPTIM_ADAM_CASE(5) REGOPTIM_ADAM_CASE(6) REGOPTIM_ADAM_CASE(7)
-    REGOPTIM_ADAM_CASE(8) REGOPTIM_ADAM_CASE(9) REGOPTIM_ADAM_CASE(10) REGOPTIM_ADAM_CASE(11)
-    REGOPTIM_ADAM_CASE(12) REGOPTIM_ADAM_CASE(13) REGOPTIM_ADAM_CASE(14) REGOPTIM_ADAM_CASE(15)
     default: break;
   }
 #undef REGOPTIM_ADAM_CASE
@@ -374,7 +404,8 @@ int regoptim_has_openmp() {
 int regoptim_sgd(int dtype, int64_t n, const int64_t* numels, const int64_t* params,
                  const int64_t* grads, const int64_t* bufs, double lr, double weight_decay,
                  double momentum, double dampening, double decay, double l1_t,
-                 double grad_scale, int flags, int nthreads) {
+                 double grad_scale, int flags, int nthreads, int64_t tail_width) {
+  const auto mask = [flags](int f) { return (flags & f) ? 0xFFFFFFFFu : 0u; };
   SgdScalars sc;
   sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
   sc.scale = static_cast<float>(grad_scale);
@@ -384,12 +415,15 @@ int regoptim_sgd(int dtype, int64_t n, const int64_t* numels, const int64_t* par
   sc.decay = static_cast<float>(decay);
   sc.neg_lr = static_cast<float>(-lr);
   sc.l1_t = static_cast<float>(l1_t);
-  sc.first = (flags & kFirstStep) != 0;
-  sc.nesterov = (flags & kNesterov) != 0;
+  sc.wd_mask = mask(kCoupledWd);
+  sc.first_mask = mask(kFirstStep);
+  sc.nesterov_mask = mask(kNesterov);
+  sc.l1_mask = mask(kL1);
+  const int64_t tw = tail_width;
   switch (dtype) {
-    case kFloat32: sgd_dispatch<F32>(flags, n, numels, params, grads, bufs, sc, nthreads); break;
-    case kBFloat16: sgd_dispatch<BF16>(flags, n, numels, params, grads, bufs, sc, nthreads); break;
-    case kFloat16: sgd_dispatch<F16>(flags, n, numels, params, grads, bufs, sc, nthreads); break;
+    case kFloat32: sgd_dispatch<F32>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
+    case kBFloat16: sgd_dispatch<BF16>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
+    case kFloat16: sgd_dispatch<F16>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
     default: return -1;
   }
   return 0;
@@ -402,15 +436,17 @@ int regoptim_adam(int dtype, int64_t n, const int64_t* numels, const int64_t* pa
                   const int64_t* grads, const int64_t* exp_avgs, const int64_t* exp_avg_sqs,
                   const int64_t* max_exp_avg_sqs, const int64_t* steps, double lr, double beta1,
                   double beta2, double eps, double weight_decay, double decay, double lr_l1,
-                  double grad_scale, int flags, int nthreads) {
+                  double grad_scale, int flags, int nthreads, int64_t tail_width) {
   AdamScalars sc;
   sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
   sc.scale = static_cast<float>(grad_scale);
   sc.wd = static_cast<float>(weight_decay);
   sc.decay = static_cast<float>(decay);
   const float c1 = static_cast<float>(1.0 - beta1);
-  sc.lerp_small = std::fabs(c1) < 0.5f;
-  sc.lerp_w = sc.lerp_small ? c1 : c1 - 1.0f;
+  const bool small = std::fabs(c1) < 0.5f;
+  sc.small_mask = small ? 0xFFFFFFFFu : 0u;
+  sc.lerp_w = small ? c1 : c1 - 1.0f;
+  sc.wd_mask = (flags & kCoupledWd) ? 0xFFFFFFFFu : 0u;
   sc.beta2 = static_cast<float>(beta2);
   sc.c2 = static_cast<float>(1.0 - beta2);
   sc.eps = static_cast<float>(eps);
@@ -440,15 +476,15 @@ int regoptim_adam(int dtype, int64_t n, const int64_t* numels, const int64_t* pa
   switch (dtype) {
     case kFloat32:
       adam_dispatch<F32>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                         nss, b2s, sc, nthreads);
+                         nss, b2s, sc, nthreads, tail_width);
       break;
     case kBFloat16:
       adam_dispatch<BF16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs,
-                          max_exp_avg_sqs, nss, b2s, sc, nthreads);
+                          max_exp_avg_sqs, nss, b2s, sc, nthreads, tail_width);
       break;
     case kFloat16:
       adam_dispatch<F16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs,
-                         max_exp_avg_sqs, nss, b2s, sc, nthreads);
+                         max_exp_avg_sqs, nss, b2s, sc, nthreads, tail_width);
       break;
     default: return -1;
   }
