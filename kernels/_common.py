@@ -139,9 +139,23 @@ def flatten_group(lists: Sequence[Sequence[Tensor]], mutated: Sequence[bool]) ->
     no conj/neg bit; otherwise each of its tensors becomes a contiguous copy (written back after
     the launch for the ``mutated`` lists).
     """
-    out: list[list[Tensor]] = [[] for _ in lists]
+    # Fast path, the usual case: everything contiguous, no conj/neg bits. Only a couple of cheap
+    # attribute reads per tensor, since this runs on the host on every step.
+    if all(t.is_contiguous() and not t.is_neg() for lst in lists for t in lst) and not any(
+        t.is_conj() for lst in lists for t in lst
+    ):
+        kept = [i for i, t in enumerate(lists[0]) if t.numel() != 0]
+        if len(kept) == len(lists[0]):
+            out = [list(lst) for lst in lists]
+        else:
+            out = [[lst[i] for i in kept] for lst in lists]
+        if kept and lists[0][0].is_complex():  # one dtype per group
+            out = [[torch.view_as_real(t) for t in lst] for lst in out]
+        return FlatGroup(out, kept, [])
+
+    out = [[] for _ in lists]
     writeback: list[tuple[Tensor, Tensor]] = []
-    kept: list[int] = []
+    kept = []
     for i in range(len(lists[0])):
         ts = [lst[i] for lst in lists]
         if ts[0].numel() == 0:

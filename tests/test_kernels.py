@@ -686,6 +686,7 @@ def test_sgd_complex(device, l1):
     bufs = [torch.empty_like(p) for p in params]
     for step in range(N_STEPS):
         grads = [torch.randn(n, generator=g, dtype=torch.complex64).to(device) for n in sizes]
+        grads[0] = grads[0].conj()  # a conj-bit view: copied in (resolved) before the launch
         fused_prox_sgd_(
             params, grads, bufs, lr=0.1, weight_decay=0.1, momentum=0.9, dampening=0.0,
             nesterov=False, maximize=True, decoupled_weight_decay=True, l1=l1,
