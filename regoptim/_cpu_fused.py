@@ -290,11 +290,14 @@ class _Prepared:
     """What one call hands the kernel: a pointer table, plus contiguous stand-ins (copied back
     after the step) for tensors the kernel cannot address directly."""
 
-    __slots__ = ("copies", "table")
+    __slots__ = ("copies", "keep", "table")
 
-    def __init__(self, table: _Table, copies: list[tuple[Tensor, Tensor]]) -> None:
+    def __init__(
+        self, table: _Table, copies: list[tuple[Tensor, Tensor]], keep: list[Tensor]
+    ) -> None:
         self.table = table
-        self.copies = copies
+        self.copies = copies  # (original, contiguous copy) to copy back
+        self.keep = keep  # every stand-in, alive until the kernel has run
 
     def finish(self) -> None:
         for orig, copy in self.copies:
@@ -319,7 +322,7 @@ def _prepare(
     slot = (tag, len(lists), len(lists[0]), key[0][0])  # one entry per group of tensors
     hit = _tables.get(slot)
     if hit is not None and hit.key == key:
-        return _Prepared(hit, [])
+        return _Prepared(hit, [], [])
     _validate(lists[:n_shaped], dtype)
     for lst in lists[n_shaped:]:  # Adam's step counters
         for s in lst:
@@ -331,6 +334,7 @@ def _prepare(
     factor = 2 if params[0].is_complex() else 1
     numels = [p.numel() * factor for p in params]
     copies: list[tuple[Tensor, Tensor]] = []
+    keep: list[Tensor] = []
     rows: list[list[int]] = [numels]
     for lst, w in zip(lists, written, strict=False):
         row = []
@@ -338,16 +342,18 @@ def _prepare(
             if not t.is_contiguous():
                 c = t.contiguous()
                 row.append(c.data_ptr())
-                copies.append((t, c) if w else (c, c))  # keep unwritten copies alive too
+                keep.append(c)
+                if w:
+                    copies.append((t, c))
             else:
                 row.append(t.data_ptr())
         rows.append(row)
     table = _Table(key, rows)
-    if not copies:
+    if not keep:
         if len(_tables) >= _MAX_TABLES:
             _tables.clear()
         _tables[slot] = table
-    return _Prepared(table, [(o, c) for o, c in copies if o is not c])
+    return _Prepared(table, copies, keep)
 
 
 def _validate(lists: list[list[Tensor]], dtype: torch.dtype) -> None:
