@@ -43,7 +43,9 @@ from ._jit import (
 __all__ = ["fused_prox_sgd_"]
 
 
-@triton.jit
+# The 1-element tensors are read once per program: alignment specialisation buys nothing there and
+# would compile a second variant for an lr that is a view (e.g. one entry of a schedule tensor).
+@triton.jit(do_not_specialize_on_alignment=["lr_ptr", "grad_scale_ptr", "found_inf_ptr"])
 def _prox_sgd_kernel(
     param_ptrs,
     grad_ptrs,

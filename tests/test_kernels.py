@@ -503,7 +503,12 @@ class _SpecializationRecorder:
                 create_function_from_signature,
             )
 
-            jit = JITFunction(kernel.fn)
+            options = {
+                k: v
+                for k, v in kernel.kwargs.items()
+                if k in ("do_not_specialize", "do_not_specialize_on_alignment")
+            }
+            jit = JITFunction(kernel.fn, **options)
             binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
 
             def hook(*args: Any, **kwargs: Any) -> None:
@@ -564,13 +569,19 @@ def test_sgd_changing_lr_does_not_recompile(device, sgd_recorder):
         fused_prox_sgd_(params, grads, bufs, lr=0.3 / (step + 1), weight_decay=0.1, l1=0.5,
                         is_first_step=False, **kw)  # fmt: skip
     float_steady = sgd_recorder.compilations()
+    schedule = torch.tensor([0.1, 0.05, 0.02], device=device)
+    for step in range(3):  # lr as views into a schedule tensor: 4-byte offsets, no new variant
+        grads = _make([5, 1025], torch.float32, device, step + 20)
+        fused_prox_sgd_(params, grads, bufs, lr=schedule[step], weight_decay=0.1, l1=0.5,
+                        is_first_step=False, **kw)  # fmt: skip
     # the first step and the float-lr path are constexpr variants: one compile each, then none
     assert steady == baseline + 1
     assert float_steady == steady + 1
+    assert sgd_recorder.compilations() == float_steady
     if sgd_recorder.interpreted:
-        assert len(sgd_recorder.keys) == 1 + 4 + 3
-        assert len(set(sgd_recorder.keys[1:5])) == 1
-        assert len(set(sgd_recorder.keys[5:])) == 1
+        assert len(sgd_recorder.keys) == 1 + 4 + 3 + 3
+        assert len(set(sgd_recorder.keys[1:5] + sgd_recorder.keys[8:])) == 1
+        assert len(set(sgd_recorder.keys[5:8])) == 1
 
 
 def test_adam_changing_lr_does_not_recompile(device, adam_recorder):
