@@ -504,12 +504,15 @@ def _fused_prox_adam(
         "decoupled_weight_decay": decoupled_weight_decay,
         "l1": l1,
     }
-    if has_complex:
-        # complex parameters take the eager path (the kernels are real); the rest stay fused
-        cplx = [i for i, p in enumerate(params) if p.is_complex()]
+    cplx = [i for i, p in enumerate(params) if p.dtype not in _FUSED_DTYPES]
+    if cplx:
+        # complex parameters (their prox couples the two components) and dtypes the kernels do not
+        # store (float64) take torch's for-loop; the rest stay fused
         lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
         pick = [[lst[i] for i in cplx] if lst else [] for lst in lists]
-        _eager_prox_adam("loop", *pick, grad_scale, found_inf, lr=lr, has_complex=True, **kwargs)  # type: ignore[arg-type]
+        _eager_prox_adam(
+            "loop", *pick, grad_scale, found_inf, lr=lr, has_complex=has_complex, **kwargs
+        )  # type: ignore[arg-type]
         keep = [i for i in range(len(params)) if i not in set(cplx)]
         rest = [[lst[i] for i in keep] if lst else [] for lst in lists]
         if not rest[0]:
@@ -530,6 +533,10 @@ def _fused_prox_adam(
             found_inf=None if found_inf is None else found_inf.to(device),
             **kwargs,
         )
+
+
+# real dtypes regoptim's fused kernels store
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _scalar_dtype() -> torch.dtype:

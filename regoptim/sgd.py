@@ -352,6 +352,30 @@ def _fused_prox_sgd(
     if has_sparse_grad:  # pragma: no cover - resolve_impl routes sparse gradients away
         raise RuntimeError("regoptim's fused kernels do not take sparse gradients")
     use_momentum = momentum != 0
+    hyper: dict[str, Any] = {
+        "weight_decay": weight_decay, "momentum": momentum, "lr": lr, "dampening": dampening,
+        "nesterov": nesterov, "maximize": maximize, "has_sparse_grad": False,
+        "decoupled_weight_decay": decoupled_weight_decay, "l1": l1,
+    }  # fmt: skip
+    eager = [i for i, p in enumerate(params) if p.dtype not in _FUSED_DTYPES]
+    if eager:
+        # float64/complex128 and other dtypes the kernels do not store take torch's for-loop
+        keep = [i for i in range(len(params)) if i not in set(eager)]
+        for idx, fn in ((eager, _single_tensor_prox_sgd), (keep, _fused_prox_sgd)):
+            if not idx:
+                continue
+            sub_bufs = [momentum_buffer_list[i] for i in idx] if use_momentum else []
+            fn(
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
+                sub_bufs,
+                grad_scale,
+                found_inf,
+                **hyper,
+            )
+            for i, b in zip(idx if use_momentum else [], sub_bufs, strict=True):
+                momentum_buffer_list[i] = b
+        return
 
     def run(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor | None]) -> None:
         for (device, _), ((dps, dgs, dbufs), idx) in group_tensors([ps, gs, bufs]):
@@ -387,6 +411,10 @@ def _fused_prox_sgd(
             )
 
     _for_each_first_step_split(params, grads, momentum_buffer_list, use_momentum, run)
+
+
+# dtypes regoptim's fused kernels (Triton and C++) store; others take the eager path
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 
 
 def _for_each_first_step_split(

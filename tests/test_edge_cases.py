@@ -206,3 +206,24 @@ def test_tensor_lr_is_read_each_step():
     assert torch.allclose(p, torch.full((2,), 0.45))
     opt.step()
     assert torch.equal(p, torch.zeros(2))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_fused_true_routes_unsupported_dtypes_to_the_torch_path(info, backend, monkeypatch):
+    """float64 (and, for Adam, complex) tensors in a fused=True group still get the exact step."""
+    from regoptim._fused import fused_unavailable_reason
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if backend == "triton" else "0")
+    reason = fused_unavailable_reason("cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(11)
+    params = [
+        torch.randn(6, 3, generator=g, dtype=torch.float64).requires_grad_(),
+        torch.randn(7, generator=g, dtype=torch.float64).float().requires_grad_(),
+        torch.randn(4, generator=g, dtype=torch.complex128).to(torch.complex64).requires_grad_(),
+    ]
+    cfg = {**REG[info.name], "fused": True}
+    opt = info.cls(params, **cfg)
+    _check_against_reference(info, params, opt, cfg)
