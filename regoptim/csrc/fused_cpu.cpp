@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -162,6 +163,18 @@ inline float select(uint32_t mask, float a, float b) {
   return f;
 }
 
+// A flag is compiled in (kOn / kOff: the unused branch is dead code) or read at run time
+// (kRuntime: both branches computed, then blended). The common flag combinations get a lean
+// kernel; every other combination, and torch's scalar tails, run the all-runtime kernel.
+enum : int { kOff = 0, kOn = 1, kRuntime = 2 };
+
+template <int F>
+inline float pick(uint32_t mask, float on, float off) {
+  if constexpr (F == kOn) return on;
+  else if constexpr (F == kOff) return off;
+  else return select(mask, on, off);
+}
+
 // x - clamp(x, -t, t): exact zeros where |x| <= t, one rounding of x -/+ t elsewhere, NaN stays.
 inline float soft_threshold(float x, float t) {
   float c = x < -t ? -t : (x > t ? t : x);
@@ -180,19 +193,19 @@ struct SgdScalars {
   float decay;      // 1 - lr * wd (decoupled) or 1
   float neg_lr;     // -lr
   float l1_t;       // lr * l1
-  uint32_t wd_mask, first_mask, nesterov_mask, l1_mask;  // all-ones where the flag is set
+  uint32_t max_mask, wd_mask, first_mask, nesterov_mask, l1_mask;  // all-ones where set
 };
 
-// `tail_mask`: all-ones on the last numel % (torch's vector width) elements of a tensor, which
-// torch's kernel updates in its scalar loop, where the compiler contracted the momentum update
-// the other way round: fma(b, mu, g * (1 - dampening)) instead of fma(1 - dampening, g, b * mu).
-template <class S, bool SCALE, bool MOM>
+// TAIL: on the last numel % (torch's vector width) elements of a tensor torch's kernel runs its
+// scalar loop, where the compiler contracted the momentum update the other way round:
+// fma(b, mu, g * (1 - dampening)) instead of fma(1 - dampening, g, b * mu).
+template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int TAIL>
 void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
               typename S::T* __restrict b, int64_t n, const SgdScalars& sc,
               uint32_t tail_mask) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, mu = sc.mu, damp1 = sc.damp1,
               decay = sc.decay, neg_lr = sc.neg_lr, t = sc.l1_t;
-  const uint32_t wd_mask = sc.wd_mask, first_mask = sc.first_mask,
+  const uint32_t max_mask = sc.max_mask, wd_mask = sc.wd_mask, first_mask = sc.first_mask,
                  nesterov_mask = sc.nesterov_mask, l1_mask = sc.l1_mask;
   REGOPTIM_SIMD
   for (int64_t i = 0; i < n; ++i) {
@@ -201,20 +214,23 @@ void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
       gv = gv / scale;
       g[i] = S::st(gv);
     }
-    gv = gv * sign;
+    gv = pick<MAX>(max_mask, gv * sign, gv);
     float pv = S::ld(p[i]);
-    gv = select(wd_mask, std::fma(pv, wd, gv), gv);
+    gv = pick<WD>(wd_mask, std::fma(pv, wd, gv), gv);
     if (MOM) {
-      const float bo = S::ld(b[i]);
-      const float body = std::fma(damp1, gv, bo * mu);
-      const float tail = std::fma(bo, mu, gv * damp1);
-      const float bv = select(first_mask, gv, select(tail_mask, tail, body));
+      float bv = gv;
+      if constexpr (FIRST != kOn) {
+        const float bo = S::ld(b[i]);
+        const float body = std::fma(damp1, gv, bo * mu);
+        const float tail = pick<TAIL>(tail_mask, std::fma(bo, mu, gv * damp1), body);
+        bv = pick<FIRST>(first_mask, gv, tail);
+      }
       b[i] = S::st(bv);
-      gv = select(nesterov_mask, std::fma(bv, mu, gv), bv);
+      gv = pick<NEST>(nesterov_mask, std::fma(bv, mu, gv), bv);
     }
     pv = pv * decay;
     pv = std::fma(gv, neg_lr, pv);
-    pv = select(l1_mask, soft_threshold(pv, t), pv);
+    pv = pick<L1>(l1_mask, soft_threshold(pv, t), pv);
     p[i] = S::st(pv);
   }
 }
@@ -226,22 +242,22 @@ struct AdamScalars {
   float sign, scale, wd, decay;
   float lerp_w;         // (1 - beta1), or (1 - beta1) - 1 when |1 - beta1| >= 0.5 (torch's lerp)
   uint32_t small_mask;  // all-ones when |1 - beta1| < 0.5
-  uint32_t wd_mask;     // all-ones with coupled L2
+  uint32_t max_mask, wd_mask;
   float beta2, c2;      // beta2, 1 - beta2
   float eps;
   float lr_l1;          // lr * l1
 };
 
-// `tail_mask` as for SGD: torch's scalar loop contracts v * beta2 + (1 - beta2) * g * g as
+// TAIL as for SGD: torch's scalar loop contracts v * beta2 + (1 - beta2) * g * g as
 // fma(v, beta2, ...) where its vector loop has fma(..., g, v * beta2).
-template <class S, bool SCALE, bool AMS, bool L1>
+template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL>
 void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
                typename S::T* __restrict m, typename S::T* __restrict v,
                typename S::T* __restrict vmax, int64_t n, const AdamScalars& sc,
-               float neg_step_size, float bc2_sqrt, uint32_t tail_mask) {
+               float neg_step_size, float bc2_sqrt, float inv_bc2_sqrt, uint32_t tail_mask) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, decay = sc.decay, lw = sc.lerp_w,
               beta2 = sc.beta2, c2 = sc.c2, eps = sc.eps, lr_l1 = sc.lr_l1;
-  const uint32_t small_mask = sc.small_mask, wd_mask = sc.wd_mask;
+  const uint32_t small_mask = sc.small_mask, max_mask = sc.max_mask, wd_mask = sc.wd_mask;
   REGOPTIM_SIMD
   for (int64_t i = 0; i < n; ++i) {
     float gv = S::ld(g[i]);
@@ -249,24 +265,34 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
       gv = gv / scale;
       g[i] = S::st(gv);
     }
-    gv = gv * sign;
+    gv = pick<MAX>(max_mask, gv * sign, gv);
     float pv = S::ld(p[i]);
-    gv = select(wd_mask, std::fma(pv, wd, gv), gv);
+    gv = pick<WD>(wd_mask, std::fma(pv, wd, gv), gv);
     pv = pv * decay;
     float mv = S::ld(m[i]);
-    mv = std::fma(lw, gv - mv, select(small_mask, mv, gv));
+    mv = std::fma(lw, gv - mv, pick<SMALL>(small_mask, mv, gv));
     const float vo = S::ld(v[i]);
     const float c2g = c2 * gv;
-    float vv = select(tail_mask, std::fma(vo, beta2, c2g * gv), std::fma(c2g, gv, vo * beta2));
+    const float body = std::fma(c2g, gv, vo * beta2);
+    float vv = pick<TAIL>(tail_mask, std::fma(vo, beta2, c2g * gv), body);
     m[i] = S::st(mv);
     v[i] = S::st(vv);
     if (AMS) {
       vv = max_nan(S::ld(vmax[i]), vv);
       vmax[i] = S::st(vv);
     }
-    const float den = std::sqrt(vv) / bc2_sqrt + eps;
-    pv = pv + (neg_step_size * mv) / den;
-    if (L1) pv = soft_threshold(pv, lr_l1 / den);
+    if (L1) {
+      // One division for the step and the threshold, sqrt(v) * (1 / sqrt(bc2)) instead of a
+      // second one: the divider is the bottleneck of this loop. The step may differ by an ulp
+      // or two from torch's (-lr/bc1 * m) / (sqrt(v) / sqrt(bc2) + eps) (torch has no L1).
+      const float den = std::fma(std::sqrt(vv), inv_bc2_sqrt, eps);
+      const float inv = 1.0f / den;
+      pv = pv + (neg_step_size * mv) * inv;
+      pv = soft_threshold(pv, lr_l1 * inv);
+    } else {
+      const float den = std::sqrt(vv) / bc2_sqrt + eps;
+      pv = pv + (neg_step_size * mv) / den;
+    }
     p[i] = S::st(pv);
   }
 }
@@ -324,44 +350,94 @@ inline T* ptr(const int64_t* table, int64_t k) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(table[k]));
 }
 
-template <class S, bool SCALE, bool MOM>
+// Runs `lean` on the body of each tensor and `generic` (all flags at run time) on torch's scalar
+// tails; both are called as f(k, offset, length, tail_mask).
+template <class S, class Lean, class Generic>
+void run_split(int64_t n, const int64_t* numels, int nthreads, int64_t tail_width,
+               const Lean& lean, const Generic& generic) {
+  for_each_range(n, numels, nthreads, tail_width,
+                 [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
+                   if (tail) generic(k, off, len, tail);
+                   else lean(k, off, len, tail);
+                 });
+}
+
+template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1>
 void sgd_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
              const int64_t* bs, const SgdScalars& sc, int nthreads, int64_t tail_width) {
   using T = typename S::T;
-  for_each_range(n, numels, nthreads, tail_width,
-                 [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
-                   T* b = MOM ? ptr<T>(bs, k) + off : nullptr;
-                   sgd_span<S, SCALE, MOM>(ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc,
-                                           tail);
-                 });
+  auto kernel = [&](auto lean_tag) {
+    constexpr bool lean = decltype(lean_tag)::value;
+    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
+      T* b = MOM ? ptr<T>(bs, k) + off : nullptr;
+      if constexpr (lean) {
+        sgd_span<S, SCALE, MOM, MAX, WD, FIRST, NEST, L1, kOff>(
+            ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc, tail);
+      } else {
+        sgd_span<S, SCALE, MOM, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime>(
+            ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc, tail);
+      }
+    };
+  };
+  run_split<S>(n, numels, nthreads, tail_width, kernel(std::true_type{}),
+               kernel(std::false_type{}));
 }
 
-template <class S, bool SCALE, bool AMS, bool L1>
+template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL>
 void adam_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
               const int64_t* ms, const int64_t* vs, const int64_t* vmaxs, const float* neg_ss,
               const float* bc2s, const AdamScalars& sc, int nthreads, int64_t tail_width) {
+  const float* ibc2s = bc2s + n;  // 1 / sqrt(bc2), stored after sqrt(bc2)
   using T = typename S::T;
-  for_each_range(n, numels, nthreads, tail_width,
-                 [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
-                   T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
-                   adam_span<S, SCALE, AMS, L1>(ptr<T>(ps, k) + off, ptr<T>(gs, k) + off,
-                                                ptr<T>(ms, k) + off, ptr<T>(vs, k) + off, vm,
-                                                len, sc, neg_ss[k], bc2s[k], tail);
-                 });
+  auto kernel = [&](auto lean_tag) {
+    constexpr bool lean = decltype(lean_tag)::value;
+    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
+      T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
+      if constexpr (lean) {
+        adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff>(
+            ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
+            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail);
+      } else {
+        adam_span<S, SCALE, AMS, L1, kRuntime, kRuntime, kRuntime, kRuntime>(
+            ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
+            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail);
+      }
+    };
+  };
+  run_split<S>(n, numels, nthreads, tail_width, kernel(std::true_type{}),
+               kernel(std::false_type{}));
 }
 
-// Flag dispatch: template parameters only for what changes the memory touched (grad write-back,
-// momentum / max buffers) or adds real work (the prox's division in Adam); the other flags are
-// all-ones / all-zeros masks (blends in the vector code).
+// Flag dispatch. Template parameters for what changes the memory touched (grad write-back,
+// momentum / max buffers) or adds real work (Adam's prox division). Lean kernels (flags
+// compiled in) for the common cases: float32 / bfloat16, no maximize, no grad scale, and for
+// SGD not the first step and no Nesterov; everything else runs with flags as run-time masks.
 template <class S>
 void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
                   const int64_t* gs, const int64_t* bs, const SgdScalars& sc, int nthreads,
                   int64_t tw) {
+  constexpr int R = kRuntime;
   const bool scale = (flags & kHasScale) != 0, mom = (flags & kMomentum) != 0;
-  if (scale && mom) sgd_run<S, true, true>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else if (scale) sgd_run<S, true, false>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else if (mom) sgd_run<S, false, true>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else sgd_run<S, false, false>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  const bool lean = !std::is_same<S, F16>::value &&
+                    !(flags & (kHasScale | kMaximize | kFirstStep | kNesterov));
+  if (lean) {
+    const int key = (mom ? 4 : 0) | ((flags & kCoupledWd) ? 2 : 0) | ((flags & kL1) ? 1 : 0);
+#define REGOPTIM_SGD_LEAN(K)                                                                   \
+  case K:                                                                                      \
+    sgd_run<S, false, (K & 4) != 0, kOff, (K & 2) ? kOn : kOff, kOff, kOff, (K & 1) ? kOn : kOff>( \
+        n, numels, ps, gs, bs, sc, nthreads, tw);                                              \
+    return;
+    switch (key) {
+      REGOPTIM_SGD_LEAN(0) REGOPTIM_SGD_LEAN(1) REGOPTIM_SGD_LEAN(2) REGOPTIM_SGD_LEAN(3)
+      REGOPTIM_SGD_LEAN(4) REGOPTIM_SGD_LEAN(5) REGOPTIM_SGD_LEAN(6) REGOPTIM_SGD_LEAN(7)
+      default: break;
+    }
+#undef REGOPTIM_SGD_LEAN
+  }
+  if (scale && mom) sgd_run<S, true, true, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  else if (scale) sgd_run<S, true, false, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  else if (mom) sgd_run<S, false, true, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  else sgd_run<S, false, false, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
 }
 
 template <class S>
@@ -369,12 +445,28 @@ void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* p
                    const int64_t* gs, const int64_t* ms, const int64_t* vs,
                    const int64_t* vmaxs, const float* nss, const float* b2s,
                    const AdamScalars& sc, int nthreads, int64_t tw) {
+  constexpr int R = kRuntime;
+  const bool lean = !std::is_same<S, F16>::value && !(flags & (kHasScale | kMaximize | kAmsgrad)) &&
+                    sc.small_mask != 0;
+  if (lean) {
+    const int key = ((flags & kCoupledWd) ? 2 : 0) | ((flags & kL1) ? 1 : 0);
+#define REGOPTIM_ADAM_LEAN(K)                                                              \
+  case K:                                                                                  \
+    adam_run<S, false, false, (K & 1) != 0, kOff, (K & 2) ? kOn : kOff, kOn>(              \
+        n, numels, ps, gs, ms, vs, vmaxs, nss, b2s, sc, nthreads, tw);                     \
+    return;
+    switch (key) {
+      REGOPTIM_ADAM_LEAN(0) REGOPTIM_ADAM_LEAN(1) REGOPTIM_ADAM_LEAN(2) REGOPTIM_ADAM_LEAN(3)
+      default: break;
+    }
+#undef REGOPTIM_ADAM_LEAN
+  }
   const int key = ((flags & kHasScale) ? 4 : 0) | ((flags & kAmsgrad) ? 2 : 0) |
                   ((flags & kL1) ? 1 : 0);
-#define REGOPTIM_ADAM_CASE(K)                                                             \
-  case K:                                                                                 \
-    adam_run<S, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0>(n, numels, ps, gs, ms, vs, vmaxs, \
-                                                          nss, b2s, sc, nthreads, tw);    \
+#define REGOPTIM_ADAM_CASE(K)                                                              \
+  case K:                                                                                  \
+    adam_run<S, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R>(                        \
+        n, numels, ps, gs, ms, vs, vmaxs, nss, b2s, sc, nthreads, tw);                     \
     break;
   switch (key) {
     REGOPTIM_ADAM_CASE(0) REGOPTIM_ADAM_CASE(1) REGOPTIM_ADAM_CASE(2) REGOPTIM_ADAM_CASE(3)
@@ -415,6 +507,7 @@ int regoptim_sgd(int dtype, int64_t n, const int64_t* numels, const int64_t* par
   sc.decay = static_cast<float>(decay);
   sc.neg_lr = static_cast<float>(-lr);
   sc.l1_t = static_cast<float>(l1_t);
+  sc.max_mask = mask(kMaximize);
   sc.wd_mask = mask(kCoupledWd);
   sc.first_mask = mask(kFirstStep);
   sc.nesterov_mask = mask(kNesterov);
@@ -447,15 +540,16 @@ int regoptim_adam(int dtype, int64_t n, const int64_t* numels, const int64_t* pa
   sc.small_mask = small ? 0xFFFFFFFFu : 0u;
   sc.lerp_w = small ? c1 : c1 - 1.0f;
   sc.wd_mask = (flags & kCoupledWd) ? 0xFFFFFFFFu : 0u;
+  sc.max_mask = (flags & kMaximize) ? 0xFFFFFFFFu : 0u;
   sc.beta2 = static_cast<float>(beta2);
   sc.c2 = static_cast<float>(1.0 - beta2);
   sc.eps = static_cast<float>(eps);
   sc.lr_l1 = static_cast<float>(lr_l1);
 
   // Per-tensor bias corrections, in double as torch (step counters may differ per tensor).
-  std::vector<float> neg_ss(static_cast<size_t>(n)), bc2s(static_cast<size_t>(n));
+  std::vector<float> neg_ss(static_cast<size_t>(n)), bc2s(2 * static_cast<size_t>(n));
   float last_step = -1.0f;
-  float last_neg_ss = 0.0f, last_bc2s = 0.0f;
+  float last_neg_ss = 0.0f, last_bc2s = 0.0f, last_ibc2s = 0.0f;
   for (int64_t k = 0; k < n; ++k) {
     float* sp = ptr<float>(steps, k);
     const float step = *sp + 1.0f;
@@ -466,10 +560,12 @@ int regoptim_adam(int dtype, int64_t n, const int64_t* numels, const int64_t* pa
       const double bc2 = 1.0 - std::pow(beta2, s);
       last_neg_ss = static_cast<float>(-(lr / bc1));
       last_bc2s = static_cast<float>(std::sqrt(bc2));
+      last_ibc2s = static_cast<float>(1.0 / std::sqrt(bc2));
       last_step = step;
     }
     neg_ss[k] = last_neg_ss;
     bc2s[k] = last_bc2s;
+    bc2s[n + k] = last_ibc2s;
   }
   const float* nss = neg_ss.data();
   const float* b2s = bc2s.data();
