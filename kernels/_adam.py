@@ -19,13 +19,11 @@ incremented, read from its device tensor):
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._common import (
     BLOCK,
-    check_device,
     check_lists,
     flatten_group,
     launch_plan,
@@ -37,6 +35,7 @@ from ._common import (
 from ._jit import (
     block_offsets,
     complex_shrink,
+    dual_jit,
     load_scalar,
     one_minus_pow,
     pair_mean,
@@ -49,7 +48,7 @@ __all__ = ["fused_prox_adam_"]
 
 # The 1-element tensors are read once per program: alignment specialisation buys nothing there and
 # would compile a second variant for an lr that is a view (e.g. one entry of a schedule tensor).
-@triton.jit(do_not_specialize_on_alignment=["lr_ptr", "grad_scale_ptr", "found_inf_ptr"])
+@dual_jit(do_not_specialize_on_alignment=["lr_ptr", "grad_scale_ptr", "found_inf_ptr"])
 def _prox_adam_kernel(
     param_ptrs,
     grad_ptrs,
@@ -74,6 +73,7 @@ def _prox_adam_kernel(
     l1: tl.float32,
     DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
@@ -85,19 +85,21 @@ def _prox_adam_kernel(
     HAS_FOUND_INF: tl.constexpr,
 ):
     t, offs, mask = block_offsets(
-        numels, block_tensor, block_start, found_inf_ptr, HAS_FOUND_INF, BLOCK
+        numels, block_tensor, block_start, found_inf_ptr, HAS_FOUND_INF, BLOCK, ALIGNED
     )
     if LR_IS_TENSOR:
         lr = load_scalar(lr_ptr)
-    step = tl.load(tensor_ptr(step_ptrs, t, tl.float32))
+    step = tl.load(tensor_ptr(step_ptrs, t, tl.float32, False))
     bias_correction1 = one_minus_pow(log_beta1, step)
     bias_correction2_sqrt = tl.sqrt_rn(one_minus_pow(log_beta2, step))
 
-    p_ptrs = tensor_ptr(param_ptrs, t, DTYPE) + offs
-    m_ptrs = tensor_ptr(exp_avg_ptrs, t, DTYPE) + offs
-    v_ptrs = tensor_ptr(exp_avg_sq_ptrs, t, DTYPE) + offs
+    p_ptrs = tensor_ptr(param_ptrs, t, DTYPE, ALIGNED) + offs
+    m_ptrs = tensor_ptr(exp_avg_ptrs, t, DTYPE, ALIGNED) + offs
+    v_ptrs = tensor_ptr(exp_avg_sq_ptrs, t, DTYPE, ALIGNED) + offs
     p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(tensor_ptr(grad_ptrs, t, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(tensor_ptr(grad_ptrs, t, DTYPE, ALIGNED) + offs, mask=mask, other=0.0).to(
+        tl.float32
+    )
     m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GRAD_SCALE:
@@ -116,7 +118,7 @@ def _prox_adam_kernel(
     tl.store(m_ptrs, m.to(DTYPE), mask=mask)
     tl.store(v_ptrs, v.to(DTYPE), mask=mask)
     if AMSGRAD:
-        vmax_ptrs = tensor_ptr(max_exp_avg_sq_ptrs, t, DTYPE) + offs
+        vmax_ptrs = tensor_ptr(max_exp_avg_sq_ptrs, t, DTYPE, ALIGNED) + offs
         vmax = tl.load(vmax_ptrs, mask=mask, other=0.0).to(tl.float32)
         vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
         tl.store(vmax_ptrs, vmax.to(DTYPE), mask=mask)
@@ -157,7 +159,7 @@ def _launch_prox_adam(
     if not params:
         return
     device = params[0].device
-    check_device(device, _prox_adam_kernel)
+    kernel = _prox_adam_kernel.for_device(device.type)  # compiled on CUDA, interpreted on CPU
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad needs max_exp_avg_sqs")
     check_lists(
@@ -187,9 +189,9 @@ def _launch_prox_adam(
     torch._foreach_add_(state_steps, 1)
     if flat.kept:
         steps = [state_steps[i] for i in flat.kept]
-        plan = launch_plan([*flat.lists, steps], device)
+        plan = launch_plan(flat.lists, device, scalars=[steps])
         tables = plan.tables
-        _prox_adam_kernel[(plan.n_blocks,)](
+        kernel[(plan.n_blocks,)](
             tables[0],
             tables[1],
             tables[2],
@@ -213,6 +215,7 @@ def _launch_prox_adam(
             float(l1),
             DTYPE=dtype,
             BLOCK=BLOCK,
+            ALIGNED=plan.aligned,
             MAXIMIZE=bool(maximize),
             HAS_WD=weight_decay != 0,
             DECOUPLED=bool(decoupled_weight_decay),
@@ -222,6 +225,9 @@ def _launch_prox_adam(
             LR_IS_TENSOR=lr_tensor is not None,
             HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
+            # FMA contraction on, as nvcc's default for torch's own CUDA kernels (explicit: Triton 3.9
+            # warns when it is left to its changing default)
+            enable_fp_fusion=True,
         )
         flat.finish()
     if found_inf is not None:

@@ -32,7 +32,6 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "FlatGroup",
     "LaunchPlan",
-    "check_device",
     "check_lists",
     "flatten_group",
     "launch_plan",
@@ -74,30 +73,6 @@ def triton_dtype(dtype: torch.dtype) -> tl.dtype:
             f"regoptim's Triton kernels take {supported} parameters, not {dtype}; "
             "use fused=False (torch path) for these parameters"
         ) from None
-
-
-def check_device(device: torch.device, kernel: object) -> None:
-    """Fail clearly where the kernel object cannot serve tensors on ``device``.
-
-    Kernels are interpreted or compiled depending on ``TRITON_INTERPRET`` when this package is
-    first imported; the interpreter dereferences the pointer tables on the host, so it only serves
-    CPU tensors, and compiled kernels only CUDA tensors.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    interpreted = isinstance(kernel, InterpretedFunction)
-    if device.type == "cpu" and not interpreted:
-        raise RuntimeError(
-            "regoptim's Triton kernels run on CPU tensors only in Triton's interpreter: set "
-            "TRITON_INTERPRET=1 before regoptim._kernels is first imported"
-        )
-    if device.type == "cuda" and interpreted:
-        raise RuntimeError(
-            "regoptim's Triton kernels were loaded with TRITON_INTERPRET=1 (CPU tensors only); "
-            "unset it before regoptim._kernels is first imported to run them on CUDA"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"regoptim's Triton kernels do not run on device type '{device.type}'")
 
 
 def _dense(t: Tensor) -> bool:
@@ -184,10 +159,11 @@ class LaunchPlan:
     block_tensor: Tensor  # int32 [n_blocks]
     block_start: Tensor  # int64 [n_blocks]
     n_blocks: int
+    aligned: bool  # every numel % 8 == 0 and every data_ptr % 16 == 0 (vectorised accesses)
 
 
 _block_maps: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, int]] = OrderedDict()
-_ptr_tables: OrderedDict[tuple, list[Tensor]] = OrderedDict()
+_ptr_tables: OrderedDict[tuple, tuple[list[Tensor], bool]] = OrderedDict()
 
 
 def _cache_get(cache: OrderedDict, key: tuple) -> object | None:
@@ -209,12 +185,18 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-def launch_plan(lists: Sequence[Sequence[Tensor]], device: torch.device) -> LaunchPlan:
+def launch_plan(
+    lists: Sequence[Sequence[Tensor]],
+    device: torch.device,
+    scalars: Sequence[Sequence[Tensor]] = (),
+) -> LaunchPlan:
     """Pointer tables and block map for ``lists`` (real, flat-addressable, non-empty tensors).
 
-    Cached on the numels (block map) and on the data pointers (tables); rebuilt, on the host,
-    only when they change.
+    ``scalars``: further lists of one-element tensors per tensor (Adam's steps), tabled after
+    ``lists`` but not part of the alignment check. Cached on the numels (block map) and on the
+    data pointers (tables); rebuilt, on the host, only when they change.
     """
+    lists = [*lists, *scalars]
     numel_key = (device, BLOCK, tuple(t.numel() for t in lists[0]))
     block_map = _cache_get(_block_maps, numel_key)
     if block_map is None:
@@ -236,8 +218,8 @@ def launch_plan(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Laun
     numels_d, block_tensor_d, block_start_d, n_blocks = block_map  # type: ignore[misc]
 
     ptr_key = (device, numel_key[2], tuple(tuple(t.data_ptr() for t in lst) for lst in lists))
-    tables = _cache_get(_ptr_tables, ptr_key)
-    if tables is None:
+    cached = _cache_get(_ptr_tables, ptr_key)
+    if cached is None:
         n = len(lists[0])
         stride = n + (n % 2)  # keep every row 16-byte aligned (one specialisation for all groups)
         host = torch.zeros((len(lists), stride), dtype=torch.int64)
@@ -245,8 +227,14 @@ def launch_plan(lists: Sequence[Sequence[Tensor]], device: torch.device) -> Laun
             host[k, :n] = torch.tensor(lst, dtype=torch.int64)
         dev = _to_device(host, device)
         tables = [dev[k] for k in range(len(lists))]
-        _cache_put(_ptr_tables, ptr_key, tables)
-    return LaunchPlan(tables, numels_d, block_tensor_d, block_start_d, n_blocks)  # type: ignore[arg-type]
+        n_vec = len(lists) - len(scalars)
+        aligned = all(n % 8 == 0 for n in numel_key[2]) and all(
+            ptr % 16 == 0 for lst in ptr_key[2][:n_vec] for ptr in lst
+        )
+        cached = (tables, aligned)
+        _cache_put(_ptr_tables, ptr_key, cached)
+    tables, aligned = cached  # type: ignore[misc]
+    return LaunchPlan(tables, numels_d, block_tensor_d, block_start_d, n_blocks, aligned)  # type: ignore[arg-type]
 
 
 def lr_args(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:

@@ -9,11 +9,15 @@ multi-tensor launch plan built in ``_common``.
 
 from __future__ import annotations
 
-import triton
+import types
+from typing import Any
+
 import triton.language as tl
 
 __all__ = [
+    "DualJIT",
     "block_offsets",
+    "dual_jit",
     "complex_shrink",
     "load_scalar",
     "one_minus_pow",
@@ -23,7 +27,73 @@ __all__ = [
 ]
 
 
-@triton.jit
+class DualJIT:
+    """A ``@triton.jit`` function that runs compiled on CUDA and interpreted on CPU tensors.
+
+    ``triton.jit`` picks compiled or interpreted once, from ``TRITON_INTERPRET`` at decoration
+    time, for the whole process. regoptim chooses per call (the dispatcher reads the variable on
+    every step, and a process may hold CPU and CUDA parameters), so each kernel and helper keeps
+    both variants, built on first use: a ``JITFunction`` and an ``InterpretedFunction`` of the same
+    source, each seeing its own variant of the helpers it calls (a copy of the module globals with
+    every ``DualJIT`` it names replaced by that variant).
+    """
+
+    def __init__(self, fn: types.FunctionType, **options: Any) -> None:
+        self.fn = fn
+        self.options = options
+        self._variants: dict[bool, Any] = {}
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def variant(self, interpret: bool) -> Any:
+        """The ``InterpretedFunction`` (``interpret=True``) or the ``JITFunction``."""
+        found = self._variants.get(interpret)
+        if found is None:
+            from triton.runtime.interpreter import InterpretedFunction
+            from triton.runtime.jit import JITFunction
+
+            fn = self.fn
+            scope = dict(fn.__globals__)
+            for name in _global_names(fn.__code__):  # only what it calls: helpers call no helper
+                if isinstance(scope.get(name), DualJIT):
+                    scope[name] = scope[name].variant(interpret)
+            copy = types.FunctionType(
+                fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__
+            )
+            copy.__kwdefaults__ = fn.__kwdefaults__
+            copy.__annotations__ = dict(fn.__annotations__)
+            copy.__qualname__ = fn.__qualname__
+            copy.__module__ = fn.__module__
+            copy.__doc__ = fn.__doc__
+            cls = InterpretedFunction if interpret else JITFunction
+            found = self._variants[interpret] = cls(copy, **self.options)
+        return found
+
+    def for_device(self, device_type: str) -> Any:
+        """The variant that serves tensors on ``device_type`` (CPU: interpreted, CUDA: compiled)."""
+        if device_type == "cpu":
+            return self.variant(True)
+        if device_type == "cuda":
+            return self.variant(False)
+        raise RuntimeError(f"regoptim's Triton kernels do not run on device type '{device_type}'")
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def dual_jit(fn: types.FunctionType | None = None, **options: Any) -> Any:
+    """``@dual_jit`` / ``@dual_jit(**triton_jit_options)``: a :class:`DualJIT`."""
+    if fn is None:
+        return lambda f: DualJIT(f, **options)
+    return DualJIT(fn, **options)
+
+
+@dual_jit
 def block_offsets(
     numels,
     block_tensor,
@@ -31,36 +101,48 @@ def block_offsets(
     found_inf_ptr,
     HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """(tensor index, int64 element offsets, mask) of this program's block.
 
-    Where ``found_inf != 0`` the mask is all false: nothing is read or written.
+    Where ``found_inf != 0`` the mask is all false: nothing is read or written. ``ALIGNED``: the
+    launcher checked that every numel is a multiple of 8 (and every base pointer of 16 bytes), so
+    the mask is constant over aligned runs of 8 and loads/stores can be vectorised.
     """
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
+    start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # block starts are k * BLOCK
     n = tl.load(numels + t)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
+    if ALIGNED:
+        mask = tl.max_constancy(mask, 8)
     if HAS_FOUND_INF:
         # a `where`, not `mask & scalar`: Triton 3.9's interpreter cannot `&` a scalar into a block
         mask = tl.where(tl.load(found_inf_ptr) == 0, mask, False)
     return t, offs, mask
 
 
-@triton.jit
-def tensor_ptr(table, t, DTYPE: tl.constexpr):
-    """Base pointer of tensor ``t`` of a list, from its int64 ``data_ptr`` table."""
-    return tl.load(table + t).to(tl.pointer_type(DTYPE))
+@dual_jit
+def tensor_ptr(table, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Base pointer of tensor ``t`` of a list, from its int64 ``data_ptr`` table.
+
+    ``ALIGNED``: the launcher checked it is a multiple of 16 bytes (a loaded pointer carries no
+    alignment information otherwise, and every access would be scalar).
+    """
+    ptr = tl.load(table + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
-@triton.jit
+@dual_jit
 def load_scalar(ptr):
     """A 1-element device tensor (lr, grad_scale), in float32."""
     return tl.load(ptr).to(tl.float32)
 
 
-@triton.jit
+@dual_jit
 def soft_threshold(x, t):
     """``regoptim.prox.soft_threshold`` for real ``x``: ``x - clamp(x, -t, t)``.
 
@@ -69,7 +151,7 @@ def soft_threshold(x, t):
     return x - tl.clamp(x, -t, t, propagate_nan=tl.PropagateNan.ALL)
 
 
-@triton.jit
+@dual_jit
 def complex_shrink(x, t, BLOCK: tl.constexpr):
     """Complex soft-threshold on the real view ``x`` (re, im interleaved): modulus shrink.
 
@@ -83,14 +165,14 @@ def complex_shrink(x, t, BLOCK: tl.constexpr):
     return tl.reshape(tl.join(re * scale, im * scale), (BLOCK,))
 
 
-@triton.jit
+@dual_jit
 def pair_mean(x, BLOCK: tl.constexpr):
     """Mean of each (re, im) pair of the real view ``x``: ``BLOCK // 2`` values."""
     re, im = tl.split(tl.reshape(x, (BLOCK // 2, 2)))
     return (re + im) * 0.5
 
 
-@triton.jit
+@dual_jit
 def one_minus_pow(log_beta, step):
     """``1 - beta**step`` in float32, given ``log_beta = ln(beta)`` (host double, beta in [0, 1)).
 

@@ -18,13 +18,11 @@ Per element, in float32 registers (``g`` unscaled and negated first where asked)
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._common import (
     BLOCK,
-    check_device,
     check_lists,
     flatten_group,
     launch_plan,
@@ -35,6 +33,7 @@ from ._common import (
 from ._jit import (
     block_offsets,
     complex_shrink,
+    dual_jit,
     load_scalar,
     soft_threshold,
     tensor_ptr,
@@ -45,7 +44,7 @@ __all__ = ["fused_prox_sgd_"]
 
 # The 1-element tensors are read once per program: alignment specialisation buys nothing there and
 # would compile a second variant for an lr that is a view (e.g. one entry of a schedule tensor).
-@triton.jit(do_not_specialize_on_alignment=["lr_ptr", "grad_scale_ptr", "found_inf_ptr"])
+@dual_jit(do_not_specialize_on_alignment=["lr_ptr", "grad_scale_ptr", "found_inf_ptr"])
 def _prox_sgd_kernel(
     param_ptrs,
     grad_ptrs,
@@ -63,6 +62,7 @@ def _prox_sgd_kernel(
     l1: tl.float32,
     DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr,
     DECOUPLED: tl.constexpr,
@@ -76,13 +76,15 @@ def _prox_sgd_kernel(
     HAS_FOUND_INF: tl.constexpr,
 ):
     t, offs, mask = block_offsets(
-        numels, block_tensor, block_start, found_inf_ptr, HAS_FOUND_INF, BLOCK
+        numels, block_tensor, block_start, found_inf_ptr, HAS_FOUND_INF, BLOCK, ALIGNED
     )
     if LR_IS_TENSOR:
         lr = load_scalar(lr_ptr)
-    p_ptrs = tensor_ptr(param_ptrs, t, DTYPE) + offs
+    p_ptrs = tensor_ptr(param_ptrs, t, DTYPE, ALIGNED) + offs
     p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(tensor_ptr(grad_ptrs, t, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(tensor_ptr(grad_ptrs, t, DTYPE, ALIGNED) + offs, mask=mask, other=0.0).to(
+        tl.float32
+    )
     if HAS_GRAD_SCALE:
         g = g / load_scalar(grad_scale_ptr)
     if MAXIMIZE:
@@ -92,7 +94,7 @@ def _prox_sgd_kernel(
         g = g + weight_decay * p
     # 2. momentum (torch's recurrence; the buffer is stored in the param dtype)
     if HAS_MOMENTUM:
-        b_ptrs = tensor_ptr(buf_ptrs, t, DTYPE) + offs
+        b_ptrs = tensor_ptr(buf_ptrs, t, DTYPE, ALIGNED) + offs
         if FIRST_STEP:
             b = g
         else:
@@ -132,7 +134,7 @@ def _launch_prox_sgd(
     if not params:
         return
     device = params[0].device
-    check_device(device, _prox_sgd_kernel)
+    kernel = _prox_sgd_kernel.for_device(device.type)  # compiled on CUDA, interpreted on CPU
     has_momentum = momentum_buffers is not None
     check_lists(params, grads=grads, momentum_buffers=momentum_buffers)
     dtype = triton_dtype(params[0].dtype)
@@ -145,7 +147,7 @@ def _launch_prox_sgd(
     if not flat.kept:
         return
     plan = launch_plan(flat.lists, device)
-    _prox_sgd_kernel[(plan.n_blocks,)](
+    kernel[(plan.n_blocks,)](
         plan.tables[0],
         plan.tables[1],
         plan.tables[2] if has_momentum else None,
@@ -162,6 +164,7 @@ def _launch_prox_sgd(
         float(l1),
         DTYPE=dtype,
         BLOCK=BLOCK,
+        ALIGNED=plan.aligned,
         MAXIMIZE=bool(maximize),
         HAS_WD=weight_decay != 0,
         DECOUPLED=bool(decoupled_weight_decay),
@@ -173,6 +176,9 @@ def _launch_prox_sgd(
         LR_IS_TENSOR=lr_tensor is not None,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
+        # FMA contraction on, as nvcc's default for torch's own CUDA kernels (explicit: Triton 3.9
+        # warns when it is left to its changing default)
+        enable_fp_fusion=True,
     )
     flat.finish()
 

@@ -1,21 +1,17 @@
 """The Triton kernels (regoptim._kernels) against the float64 reference.
 
-On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, chosen before the kernels are first
-imported); on a CUDA machine run ``TRITON_INTERPRET=0 pytest -m cuda tests/test_kernels.py`` and
-the same tests run compiled on the GPU. The interpreter costs a few ms per program (one program
-per 1024 elements of each tensor), so sizes stay small.
+Every test runs on CPU tensors, where the kernels run in Triton's interpreter (whatever
+``TRITON_INTERPRET`` says: each kernel keeps an interpreted and a compiled variant), and again on
+CUDA tensors, compiled, where a GPU is present (``-m cuda``). The interpreter costs a few ms per
+program (one program per 1024 elements of each tensor), so sizes stay small.
 """
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from typing import Any  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -24,25 +20,10 @@ from tolerances import TOL, assert_close_to_ref  # noqa: E402
 
 from regoptim.reference import adam_step, sgd_step  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+NO_CUDA = not torch.cuda.is_available()
 DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(
-            not INTERPRETING, reason="CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
-        ),
-    ),
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(
-                INTERPRETING or not torch.cuda.is_available(),
-                reason="needs a CUDA device and TRITON_INTERPRET=0 (compiled kernels)",
-            ),
-        ],
-    ),
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(NO_CUDA, reason="no CUDA")]),
 ]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -278,8 +259,9 @@ def _many_sizes(n: int = 220) -> list[int]:
     return [*sizes, 1025]  # and one that spans two programs
 
 
-def _record_grids(monkeypatch: pytest.MonkeyPatch, kernel: Any) -> list[int]:
-    """Record the grid of every launch of ``kernel`` (wraps ``kernel[grid]``)."""
+def _record_grids(monkeypatch: pytest.MonkeyPatch, dual: Any, device: str) -> list[int]:
+    """Record the grid of every launch of the ``device`` variant of a kernel (``kernel[grid]``)."""
+    kernel = dual.for_device(device)
     grids: list[int] = []
     original = type(kernel).__getitem__
 
@@ -300,7 +282,7 @@ def test_sgd_many_tensors_one_launch(device, monkeypatch):
     from regoptim._kernels import _sgd
 
     sizes = _many_sizes()
-    grids = _record_grids(monkeypatch, _sgd._prox_sgd_kernel)
+    grids = _record_grids(monkeypatch, _sgd._prox_sgd_kernel, device)
     run_sgd(sizes, torch.float32, device, steps=2, **SGD_REPRESENTATIVE["nesterov_l2_l1"])
     assert grids == [sum(-(-n // 1024) for n in sizes)] * 2  # one launch per step, all tensors
 
@@ -309,7 +291,7 @@ def test_adam_many_tensors_one_launch(device, monkeypatch):
     from regoptim._kernels import _adam
 
     sizes = _many_sizes()
-    grids = _record_grids(monkeypatch, _adam._prox_adam_kernel)
+    grids = _record_grids(monkeypatch, _adam._prox_adam_kernel, device)
     run_adam(sizes, torch.bfloat16, device, steps=2, **ADAM_REPRESENTATIVE["adamw_l1"])
     assert grids == [sum(-(-n // 1024) for n in sizes)] * 2
 
@@ -529,19 +511,19 @@ class _SpecializationRecorder:
 
 
 @pytest.fixture
-def sgd_recorder():
+def sgd_recorder(device):
     from regoptim._kernels import _sgd
 
-    rec = _SpecializationRecorder(_sgd._prox_sgd_kernel)
+    rec = _SpecializationRecorder(_sgd._prox_sgd_kernel.for_device(device))
     yield rec
     rec.close()
 
 
 @pytest.fixture
-def adam_recorder():
+def adam_recorder(device):
     from regoptim._kernels import _adam
 
-    rec = _SpecializationRecorder(_adam._prox_adam_kernel)
+    rec = _SpecializationRecorder(_adam._prox_adam_kernel.for_device(device))
     yield rec
     rec.close()
 
@@ -859,12 +841,184 @@ def test_torch_compile_adam_step(device):
 
 
 # ------------------------------------------------------------------------------------------------
+# the compiled variant: the exact launches made on CPU compile to a cubin for an H100 (sm_90)
+# ------------------------------------------------------------------------------------------------
+
+
+def _capture_launch(dual: Any, step: Any) -> tuple[tuple, dict]:
+    """The (args, kwargs) of the launch ``step()`` makes with the interpreted variant."""
+    kernel = dual.for_device("cpu")
+    seen: list[tuple[tuple, dict]] = []
+
+    def hook(*args: Any, **kwargs: Any) -> None:
+        seen.append((args, kwargs))
+
+    kernel.add_pre_run_hook(hook)
+    try:
+        step()
+    finally:
+        kernel.pre_run_hooks.remove(hook)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def _compile_for_sm90(dual: Any, args: tuple, kwargs: dict) -> Any:
+    """Compile the JITFunction variant for sm_90 as its own launch would (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    jit = dual.variant(False)
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    kwargs = {**kwargs, "enable_fp_fusion": True}
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(
+        backend, kwargs, bound, specialization, options
+    )
+    src = ASTSource(jit, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def _sgd_compile_step(dtype: torch.dtype, sizes: tuple = (8, 1025), **flags: Any) -> Any:
+    def step() -> None:
+        params = [torch.randn(n).to(dtype) for n in sizes]
+        amp = flags.pop("amp", False)
+        fused_prox_sgd_(
+            params, [torch.randn_like(p) for p in params],
+            [torch.zeros_like(p) for p in params] if flags["momentum"] else None,
+            lr=torch.tensor(0.1) if flags.pop("lr_tensor", False) else 0.1, dampening=0.0,
+            grad_scale=torch.tensor(2.0) if amp else None,
+            found_inf=torch.tensor(0.0) if amp else None, **flags,
+        )  # fmt: skip
+
+    return step
+
+
+def _adam_compile_step(dtype: torch.dtype, sizes: tuple = (8, 1025), **flags: Any) -> Any:
+    def step() -> None:
+        params = [torch.randn(n).to(dtype) for n in sizes]
+        amp = flags.pop("amp", False)
+        fused_prox_adam_(
+            params, [torch.randn_like(p) for p in params], **_adam_state(params, flags["amsgrad"]),
+            lr=torch.tensor(0.01) if flags.pop("lr_tensor", False) else 0.01, beta1=0.9,
+            beta2=0.999, eps=1e-8, grad_scale=torch.tensor(2.0) if amp else None,
+            found_inf=torch.tensor(0.0) if amp else None, **flags,
+        )  # fmt: skip
+
+    return step
+
+
+_SGD_ALL = dict(
+    weight_decay=0.1, momentum=0.9, nesterov=True, maximize=True, decoupled_weight_decay=False,
+    l1=0.5, is_first_step=False, lr_tensor=True, amp=True,
+)  # fmt: skip
+_SGD_MIN = dict(
+    weight_decay=0.0, momentum=0.0, nesterov=False, maximize=False, decoupled_weight_decay=False,
+    l1=0.0, is_first_step=False,
+)  # fmt: skip
+_ADAM_ALL = dict(
+    weight_decay=0.1, decoupled_weight_decay=False, amsgrad=True, l1=2.0, maximize=True,
+    lr_tensor=True, amp=True,
+)  # fmt: skip
+_ADAMW = dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, l1=2.0, maximize=False)
+COMPILE_CASES = {
+    "sgd-all-bf16": ("sgd", torch.bfloat16, _SGD_ALL),
+    "sgd-min-fp16": ("sgd", torch.float16, _SGD_MIN),
+    "sgd-first-decoupled-complex-l1": (
+        "sgd", torch.complex64, {**_SGD_MIN, "momentum": 0.9, "is_first_step": True,
+                                 "weight_decay": 0.1, "decoupled_weight_decay": True, "l1": 0.5},
+    ),
+    "adam-all-bf16": ("adam", torch.bfloat16, _ADAM_ALL),
+    "adamw-l1-fp32": ("adam", torch.float32, _ADAMW),
+    "adam-complex-l1": ("adam", torch.complex64, {**_ADAMW, "amsgrad": True}),
+    # numels % 8 == 0 and 16-byte aligned storage: the ALIGNED variant, vectorised accesses
+    "sgd-all-bf16-aligned": ("sgd", torch.bfloat16, {**_SGD_ALL, "sizes": (8, 1024)}),
+    "adamw-l1-fp32-aligned": ("adam", torch.float32, {**_ADAMW, "sizes": (8, 1024)}),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", COMPILE_CASES.values(), ids=COMPILE_CASES.keys())
+def test_compiled_variant_builds_for_sm90(case):
+    """Without a GPU: Triton's NVIDIA backend lowers the real launch to PTX and a cubin (ptxas)."""
+    from regoptim._kernels import _adam, _sgd
+
+    family, dtype, flags = case
+    if family == "sgd":
+        dual, step = _sgd._prox_sgd_kernel, _sgd_compile_step(dtype, **flags)
+    else:
+        dual, step = _adam._prox_adam_kernel, _adam_compile_step(dtype, **flags)
+    args, kwargs = _capture_launch(dual, step)
+    compiled = _compile_for_sm90(dual, args, kwargs)
+    assert compiled.asm["cubin"]
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_90" in ptx
+    assert "local" not in ptx.split(".entry", 1)[1]  # no spills to local memory
+    # 16-byte accesses exactly when the launcher could prove alignment (else scalar ones)
+    vectorised = "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    assert vectorised == ("sizes" in flags), ptx.count("ld.global")
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset-view"])
+def test_aligned_variant(device, offset):
+    """numels % 8 == 0 and 16-byte pointers select the vectorised variant; a view that is not
+    16-byte aligned (one float past its storage start) falls back, and both are exact."""
+    from regoptim._kernels import _common
+
+    sizes = [8, 1024, 2048]
+    bases = _make([n + offset for n in sizes], torch.float32, device, 0)
+    params = [b[offset:] for b in bases]
+    grads = _make(sizes, torch.float32, device, 1)
+    flat = _common.flatten_group([params, grads], [True, False])
+    assert _common.launch_plan(flat.lists, torch.device(device)).aligned == (offset == 0)
+    ref_state: list[dict[str, Any]] = [{} for _ in params]
+    ref = [p.to(torch.float64).cpu() for p in params]
+    for _ in range(2):
+        fused_prox_sgd_(
+            params, grads, None, lr=0.1, weight_decay=0.1, momentum=0.0, dampening=0.0,
+            nesterov=False, maximize=False, decoupled_weight_decay=True, l1=0.5,
+            is_first_step=False, grad_scale=None, found_inf=None,
+        )  # fmt: skip
+        for i in range(len(params)):
+            ref[i] = sgd_step(ref[i], grads[i].cpu(), ref_state[i], lr=0.1, weight_decay=0.1,
+                              decoupled_weight_decay=True, l1=0.5)  # fmt: skip
+    for p, r in zip(params, ref, strict=True):
+        assert_close_to_ref(p.cpu(), r, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
 # errors and availability
 # ------------------------------------------------------------------------------------------------
 
 
-def test_available_here():
-    assert available() is None  # the module is skipped unless triton imports; interpreter or CUDA
+def test_available(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert available() is None  # triton imports (else this module is skipped): the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if NO_CUDA:
+        assert "TRITON_INTERPRET=1" in available()
+    else:
+        assert available() is None
+
+
+def test_cpu_and_cuda_variants_are_separate():
+    """Compiled and interpreted variants of one kernel, each calling its own helpers' variant."""
+    from regoptim._kernels import _jit, _sgd
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    cpu = _sgd._prox_sgd_kernel.for_device("cpu")
+    cuda = _sgd._prox_sgd_kernel.for_device("cuda")
+    assert isinstance(cpu, InterpretedFunction) and isinstance(cuda, JITFunction)
+    assert isinstance(cpu.fn.__globals__["block_offsets"], InterpretedFunction)
+    assert isinstance(cuda.fn.__globals__["block_offsets"], JITFunction)
+    assert _sgd._prox_sgd_kernel.for_device("cpu") is cpu  # built once
+    assert _jit.block_offsets.variant(False) is cuda.fn.__globals__["block_offsets"]
+    with pytest.raises(RuntimeError, match="device type 'mps'"):
+        _sgd._prox_sgd_kernel.for_device("mps")
 
 
 def test_unsupported_dtype_is_a_clear_error(device):
@@ -889,9 +1043,7 @@ def test_mismatched_lists_are_a_clear_error(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(
-    INTERPRETING or not torch.cuda.is_available(), reason="needs CUDA and TRITON_INTERPRET=0"
-)
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA")
 def test_cuda_steady_state_step_needs_no_host_sync():
     """After the first step (tables built and cached), a step never synchronises with the host."""
     sizes = [5, 1025, 4097]
