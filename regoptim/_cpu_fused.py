@@ -276,10 +276,11 @@ def build_info() -> dict[str, object]:
 class _Table:
     """int64 table, one row per role: numels (real elements), then data pointers."""
 
-    __slots__ = ("key", "n", "rows", "tensor")
+    __slots__ = ("key", "n", "numels", "rows", "tensor")
 
-    def __init__(self, key: object, rows: list[list[int]]) -> None:
+    def __init__(self, key: list[tuple[int, ...]], rows: list[list[int]], numels: tuple) -> None:
         self.key = key
+        self.numels = numels  # (tensor numels, as Tensor.numel gives them)
         self.n = len(rows[0])
         self.tensor = torch.tensor(rows, dtype=torch.int64)
         base = self.tensor.data_ptr()
@@ -318,11 +319,15 @@ def _prepare(
     Tensors that are not contiguous get contiguous copies (not cached) that ``finish()`` copies
     back into the ``written`` roles.
     """
-    key = tuple(tuple(map(Tensor.data_ptr, lst)) for lst in lists)
+    key = [tuple(map(Tensor.data_ptr, lst)) for lst in lists]
     slot = (tag, len(lists), len(lists[0]), key[0][0])  # one entry per group of tensors
     hit = _tables.get(slot)
-    if hit is not None and hit.key == key:
-        return _Prepared(hit, [], [])
+    if hit is not None and hit.key[0] == key[0]:
+        changed = [r for r in range(len(lists)) if key[r] != hit.key[r]]
+        if not changed:
+            return _Prepared(hit, [], [])
+        if _refresh(hit, lists, key, changed, dtype, n_shaped):
+            return _Prepared(hit, [], [])
     _validate(lists[:n_shaped], dtype)
     for lst in lists[n_shaped:]:  # Adam's step counters
         for s in lst:
@@ -348,12 +353,40 @@ def _prepare(
             else:
                 row.append(t.data_ptr())
         rows.append(row)
-    table = _Table(key, rows)
+    table = _Table(key, rows, tuple(map(Tensor.numel, params)))
     if not keep:
         if len(_tables) >= _MAX_TABLES:
             _tables.clear()
         _tables[slot] = table
     return _Prepared(table, copies, keep)
+
+
+def _refresh(
+    table: _Table,
+    lists: list[list[Tensor]],
+    key: list[tuple[int, ...]],
+    changed: list[int],
+    dtype: torch.dtype,
+    n_shaped: int,
+) -> bool:
+    """Update the pointer rows of roles whose tensors moved (typically fresh grads every step)
+    when the new tensors are contiguous with the same numels; ``False``: rebuild from scratch.
+
+    Cheaper than a full check on purpose: the params (and so the group, its device and dtype)
+    are unchanged, and autograd gives a grad the dtype, device and shape of its param.
+    """
+    for r in changed:
+        lst = lists[r]
+        if r == 0 or r >= n_shaped or lst[0].dtype != dtype:
+            return False
+        if not all(map(Tensor.is_contiguous, lst)):
+            return False
+        if tuple(map(Tensor.numel, lst)) != table.numels:
+            return False
+    for r in changed:
+        table.tensor[r + 1] = torch.tensor(key[r], dtype=torch.int64)
+        table.key[r] = key[r]
+    return True
 
 
 def _validate(lists: list[list[Tensor]], dtype: torch.dtype) -> None:

@@ -491,3 +491,14 @@ def test_lr_as_tensor_and_empty_list():
     _sgd_call(p2, grads[0], [torch.zeros(9)], lr=0.1)
     assert torch.equal(params[0], p2[0])
     _sgd_call([], [], None)
+
+
+def test_fresh_grads_every_step_reuse_the_table():
+    """New grad tensors each step (zero_grad(set_to_none=True)): pointer rows are refreshed;
+    a non-contiguous or mis-sized grad on a later step is still caught."""
+    params, grads = _problem([64, 3, 1025], steps=4)
+    grads[2][0] = _randn(128)[::2]  # non-contiguous on the third step
+    refs = _run_sgd(params, grads, momentum=0.9, weight_decay=0.1, l1=0.05)
+    _check(params, refs, torch.float32)
+    with pytest.raises(ValueError, match="shape"):
+        _sgd_call(params, [torch.randn(64), torch.randn(3), torch.randn(1024)], None, momentum=0.0)
