@@ -1,0 +1,195 @@
+"""DDP, ZeroRedundancyOptimizer and FSDP2 with regoptim: 2 real processes, gloo on 127.0.0.1.
+
+Every run is compared with a single process trained on the same global batches (each rank takes
+half of every batch; the loss is a mean, so the averaged gradients are the full-batch gradient up
+to rounding). float64 models keep that rounding far below the L1 thresholds, so the exact zeros
+must agree too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import regoptim
+from tests._stack_helpers import (
+    WORLD,
+    assert_params_equal,
+    loss_fn,
+    make_batches,
+    make_model,
+    params_of,
+    run_distributed,
+)
+from tests.tolerances import TOL
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+DTYPE = torch.float64
+N_STEPS = 4
+BATCH = 8
+
+CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ProxSGD-default": (
+        regoptim.ProxSGD,
+        {
+            "lr": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 1e-2,
+            "decoupled_weight_decay": True,
+            "l1": 0.2,
+        },
+    ),
+    "ProxSGD-loop": (
+        regoptim.ProxSGD,
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2, "l1": 0.2, "foreach": False},
+    ),
+    "ProxAdamW-default": (regoptim.ProxAdamW, {"lr": 2e-2, "weight_decay": 1e-2, "l1": 0.5}),
+    "ProxAdamW-foreach": (
+        regoptim.ProxAdamW,
+        {"lr": 2e-2, "weight_decay": 1e-2, "l1": 0.5, "foreach": True},
+    ),
+}
+
+BUG_DTENSOR_FUSED_SGD = (
+    "regoptim bug: resolve_impl sends DTensor (FSDP2) params to torch's fused CPU SGD kernel; "
+    "aten._fused_sgd_ has no DTensor sharding strategy (NotImplementedError)"
+)
+
+
+def _single_process(cls: type, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    model = make_model(dtype=DTYPE)
+    opt = cls(model.parameters(), **kwargs)
+    for x, y in make_batches(N_STEPS, batch=BATCH, dtype=DTYPE):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    return params_of(model)
+
+
+def _local(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t.chunk(WORLD)[rank]
+
+
+def _train_local(rank: int, model: torch.nn.Module, opt: Any) -> None:
+    for x, y in make_batches(N_STEPS, batch=BATCH, dtype=DTYPE):
+        opt.zero_grad()
+        loss_fn(model, _local(x, rank), _local(y, rank)).backward()
+        opt.step()
+
+
+def _assert_same_on_all_ranks(params: list[torch.Tensor]) -> None:
+    for p in params:
+        gathered = [torch.empty_like(p) for _ in range(WORLD)]
+        dist.all_gather(gathered, p.contiguous())
+        for g in gathered[1:]:
+            assert torch.equal(g, gathered[0]), "ranks disagree"
+
+
+def _assert_matches_single(params: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    for p, r in zip(params, ref, strict=True):
+        torch.testing.assert_close(p, r, **TOL[DTYPE])
+        assert torch.equal(p == 0, r == 0), "exact zeros differ from the single process"
+    assert sum(int((p == 0).sum()) for p in params) > 0, "l1 produced no exact zeros"
+
+
+# --- DDP -----------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for cls, kwargs in CONFIGS.values():
+        model = make_model(dtype=DTYPE)
+        ddp = DDP(model)
+        opt = cls(ddp.parameters(), **kwargs)
+        _train_local(rank, ddp, opt)
+        params = params_of(model)
+        _assert_same_on_all_ranks(params)
+        _assert_matches_single(params, _single_process(cls, kwargs))
+
+
+def test_ddp_matches_single_process(tmp_path: Any) -> None:
+    run_distributed(_ddp_worker, tmp_path=tmp_path)
+
+
+# --- ZeroRedundancyOptimizer ---------------------------------------------------------------------
+
+
+def _zero_worker(rank: int) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for name in ("ProxSGD-default", "ProxAdamW-default"):
+        cls, kwargs = CONFIGS[name]
+        model = make_model(dtype=DTYPE)
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
+        ddp = DDP(model)
+        _train_local(rank, ddp, zero)
+        # the unsharded optimizer on the same DDP gradients
+        ref_model = make_model(dtype=DTYPE)
+        ref_ddp = DDP(ref_model)
+        _train_local(rank, ref_ddp, cls(ref_ddp.parameters(), **kwargs))
+        params = params_of(model)
+        _assert_same_on_all_ranks(params)
+        assert_params_equal(params, params_of(ref_model))  # same ops on the same gradients
+        assert sum(int((p == 0).sum()) for p in params) > 0
+        # each rank owns part of the state only
+        owned = sum(len(s) > 0 for s in zero.optim.state.values())
+        assert 0 < owned < len(params)
+
+
+def test_zero_redundancy_optimizer_equals_unsharded(tmp_path: Any) -> None:
+    run_distributed(_zero_worker, tmp_path=tmp_path)
+
+
+# --- FSDP2 ---------------------------------------------------------------------------------------
+
+
+def _fsdp2_worker(rank: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    results: dict[str, str] = {}
+    for name, (cls, kwargs) in CONFIGS.items():
+        model = make_model(dtype=DTYPE)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        opt = cls(model.parameters(), **kwargs)
+        try:
+            _train_local(rank, model, opt)
+        except NotImplementedError as exc:  # see BUG_DTENSOR_FUSED_SGD; both ranks raise alike
+            results[name] = f"NotImplementedError: {exc}"
+            continue
+        assert all(isinstance(s.get("exp_avg", s.get("momentum_buffer")), DTensor)
+                   for s in opt.state.values())  # fmt: skip
+        params = [p.full_tensor().detach() for p in model.parameters()]
+        _assert_same_on_all_ranks(params)
+        _assert_matches_single(params, _single_process(cls, kwargs))
+        results[name] = "ok"
+    if rank == 0:
+        with open(os.path.join(out_dir, "fsdp2.json"), "w") as f:
+            json.dump(results, f)
+
+
+def test_fsdp2_matches_single_process(tmp_path: Any) -> None:
+    run_distributed(_fsdp2_worker, str(tmp_path), tmp_path=tmp_path)
+    with open(tmp_path / "fsdp2.json") as f:
+        results = json.load(f)
+    assert set(results) == set(CONFIGS)
+    for name, outcome in results.items():
+        if name != "ProxSGD-default":
+            assert outcome == "ok", (name, outcome)
+    if results["ProxSGD-default"] != "ok":
+        assert "_fused_sgd_" in results["ProxSGD-default"], results["ProxSGD-default"]
+        pytest.xfail(f"{BUG_DTENSOR_FUSED_SGD}: {results['ProxSGD-default']}")
