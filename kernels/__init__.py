@@ -1,7 +1,8 @@
 """regoptim's fused Triton kernels (installed as ``regoptim._kernels``).
 
 One kernel per family (ProxSGD; ProxAdam/ProxAdamW) updates every parameter of a (device, dtype)
-group in one launch and one pass over memory. They run compiled on CUDA tensors, or on CPU tensors
+group in at most two launches (16-byte-aligned tensors get a vectorised variant) and one
+pass over memory. They run compiled on CUDA tensors, or on CPU tensors
 in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before this package's kernels are first
 used (that is how CI validates them).
 

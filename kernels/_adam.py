@@ -1,4 +1,4 @@
-"""The ProxAdam/ProxAdamW family in one Triton kernel: one launch per (device, dtype) group.
+"""The ProxAdam/ProxAdamW family in one Triton kernel, launched at most twice per group.
 
 Per element, in float32 registers (``g`` unscaled and negated first where asked; ``step`` already
 incremented, read from its device tensor):
@@ -191,44 +191,45 @@ def _launch_prox_adam(
         steps = [state_steps[i] for i in flat.kept]
         plan = launch_plan(flat.lists, device, scalars=[steps])
         tables = plan.tables
-        kernel[(plan.n_blocks,)](
-            tables[0],
-            tables[1],
-            tables[2],
-            tables[3],
-            tables[4] if amsgrad else None,
-            tables[-1],
-            plan.numels,
-            plan.block_tensor,
-            plan.block_start,
-            lr_tensor,
-            grad_scale,
-            found_inf,
-            lr_value,
-            float(beta2),
-            1.0 - float(beta1),
-            1.0 - float(beta2),
-            log_beta(float(beta1)),
-            log_beta(float(beta2)),
-            float(eps),
-            float(weight_decay),
-            float(l1),
-            DTYPE=dtype,
-            BLOCK=BLOCK,
-            ALIGNED=plan.aligned,
-            MAXIMIZE=bool(maximize),
-            HAS_WD=weight_decay != 0,
-            DECOUPLED=bool(decoupled_weight_decay),
-            AMSGRAD=bool(amsgrad),
-            HAS_L1=l1 != 0,
-            COMPLEX=params[0].is_complex(),
-            LR_IS_TENSOR=lr_tensor is not None,
-            HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            # FMA contraction on, as nvcc's default for torch's own CUDA kernels (explicit: Triton 3.9
-            # warns when it is left to its changing default)
-            enable_fp_fusion=True,
-        )
+        for launch in plan.launches:  # the vectorised (aligned) tensors, then the rest
+            kernel[(launch.n_blocks,)](
+                tables[0],
+                tables[1],
+                tables[2],
+                tables[3],
+                tables[4] if amsgrad else None,
+                tables[-1],
+                plan.numels,
+                launch.block_tensor,
+                launch.block_start,
+                lr_tensor,
+                grad_scale,
+                found_inf,
+                lr_value,
+                float(beta2),
+                1.0 - float(beta1),
+                1.0 - float(beta2),
+                log_beta(float(beta1)),
+                log_beta(float(beta2)),
+                float(eps),
+                float(weight_decay),
+                float(l1),
+                DTYPE=dtype,
+                BLOCK=BLOCK,
+                ALIGNED=launch.aligned,
+                MAXIMIZE=bool(maximize),
+                HAS_WD=weight_decay != 0,
+                DECOUPLED=bool(decoupled_weight_decay),
+                AMSGRAD=bool(amsgrad),
+                HAS_L1=l1 != 0,
+                COMPLEX=params[0].is_complex(),
+                LR_IS_TENSOR=lr_tensor is not None,
+                HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                # FMA contraction on, as nvcc's default for torch's own CUDA kernels (explicit: Triton 3.9
+                # warns when it is left to its changing default)
+                enable_fp_fusion=True,
+            )
         flat.finish()
     if found_inf is not None:
         torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))
@@ -301,7 +302,7 @@ def fused_prox_adam_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """One ProxAdam/ProxAdamW step for tensors of one device and dtype, in one kernel launch.
+    """One ProxAdam/ProxAdamW step for tensors of one device and dtype, in at most two launches.
 
     See ``regoptim._fused.fused_prox_adam_`` for the contract. Runs as the custom op
     ``torch.ops.regoptim.fused_prox_adam_`` so ``torch.compile`` can trace a step that calls it.

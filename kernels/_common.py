@@ -1,6 +1,9 @@
 """Host side shared by the Triton kernels: checks, copy-in/copy-out and the multi-tensor launch plan.
 
-Every kernel updates all tensors of a (device, dtype) group in ONE launch. The launcher gives it:
+Every kernel updates all tensors of a (device, dtype) group in at most two launches (one per
+alignment class: the vectorised variant for tensors whose numel is a multiple of 8 and whose
+pointers are 16-byte aligned, the scalar one for the rest), however many tensors there are.
+The launcher gives it:
 
 * one int64 table of ``data_ptr()`` per tensor list (params, grads, each piece of state), rows of
   one device tensor;
@@ -31,6 +34,7 @@ __all__ = [
     "BLOCK",
     "SUPPORTED_DTYPES",
     "FlatGroup",
+    "BlockMap",
     "LaunchPlan",
     "check_lists",
     "flatten_group",
@@ -151,19 +155,28 @@ def flatten_group(lists: Sequence[Sequence[Tensor]], mutated: Sequence[bool]) ->
 
 
 @dataclass
-class LaunchPlan:
-    """Device tables for one launch."""
+class BlockMap:
+    """One launch: program ``pid`` updates ``BLOCK`` elements of tensor ``block_tensor[pid]``
+    from element ``block_start[pid]`` on."""
 
-    tables: list[Tensor]  # one int64 data_ptr row per tensor list
-    numels: Tensor  # int64 [n_tensors]
     block_tensor: Tensor  # int32 [n_blocks]
     block_start: Tensor  # int64 [n_blocks]
     n_blocks: int
-    aligned: bool  # every numel % 8 == 0 and every data_ptr % 16 == 0 (vectorised accesses)
+    aligned: bool  # its tensors: numel % 8 == 0 and 16-byte data_ptrs (vectorised accesses)
 
 
-_block_maps: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, int]] = OrderedDict()
-_ptr_tables: OrderedDict[tuple, tuple[list[Tensor], bool]] = OrderedDict()
+@dataclass
+class LaunchPlan:
+    """Device tables for one step of a group: one launch per alignment class present (1 or 2)."""
+
+    tables: list[Tensor]  # one int64 data_ptr row per tensor list
+    numels: Tensor  # int64 [n_tensors]
+    launches: list[BlockMap]
+
+
+_numels: OrderedDict[tuple, Tensor] = OrderedDict()
+_block_maps: OrderedDict[tuple, list[BlockMap]] = OrderedDict()
+_ptr_tables: OrderedDict[tuple, tuple[list[Tensor], tuple[bool, ...]]] = OrderedDict()
 
 
 def _cache_get(cache: OrderedDict, key: tuple) -> object | None:
@@ -185,56 +198,69 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
+def _build_block_map(
+    numels: Sequence[int], select: list[int], aligned: bool, device: torch.device
+) -> BlockMap:
+    counts = torch.tensor([-(-numels[i] // BLOCK) for i in select], dtype=torch.int64)
+    n_blocks = int(counts.sum())
+    block_tensor = torch.repeat_interleave(torch.tensor(select, dtype=torch.int32), counts)
+    first_block = torch.cumsum(counts, 0) - counts
+    block_start = (
+        torch.arange(n_blocks, dtype=torch.int64) - torch.repeat_interleave(first_block, counts)
+    ) * BLOCK
+    return BlockMap(
+        _to_device(block_tensor, device), _to_device(block_start, device), n_blocks, aligned
+    )
+
+
 def launch_plan(
     lists: Sequence[Sequence[Tensor]],
     device: torch.device,
     scalars: Sequence[Sequence[Tensor]] = (),
 ) -> LaunchPlan:
-    """Pointer tables and block map for ``lists`` (real, flat-addressable, non-empty tensors).
+    """Pointer tables and block maps for ``lists`` (real, flat-addressable, non-empty tensors).
 
     ``scalars``: further lists of one-element tensors per tensor (Adam's steps), tabled after
-    ``lists`` but not part of the alignment check. Cached on the numels (block map) and on the
-    data pointers (tables); rebuilt, on the host, only when they change.
+    ``lists`` but not part of the alignment check. Tensors whose numel is a multiple of 8 and
+    whose pointers (in every list) are 16-byte aligned go to the vectorised launch, the others to
+    the scalar one: at most two launches, whatever the number of tensors. Cached on the data
+    pointers and numels; rebuilt, on the host, only when they change.
     """
-    lists = [*lists, *scalars]
-    numel_key = (device, BLOCK, tuple(t.numel() for t in lists[0]))
-    block_map = _cache_get(_block_maps, numel_key)
-    if block_map is None:
-        numels = torch.tensor(numel_key[2], dtype=torch.int64)
-        counts = (numels + BLOCK - 1) // BLOCK
-        n_blocks = int(counts.sum())
-        block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
-        first_block = torch.cumsum(counts, 0) - counts
-        block_start = (
-            torch.arange(n_blocks, dtype=torch.int64) - torch.repeat_interleave(first_block, counts)
-        ) * BLOCK
-        block_map = (
-            _to_device(numels, device),
-            _to_device(block_tensor, device),
-            _to_device(block_start, device),
-            n_blocks,
-        )
-        _cache_put(_block_maps, numel_key, block_map)
-    numels_d, block_tensor_d, block_start_d, n_blocks = block_map  # type: ignore[misc]
-
-    ptr_key = (device, numel_key[2], tuple(tuple(t.data_ptr() for t in lst) for lst in lists))
+    all_lists = [*lists, *scalars]
+    numels = tuple(t.numel() for t in lists[0])
+    ptr_key = (device, numels, tuple(tuple(t.data_ptr() for t in lst) for lst in all_lists))
     cached = _cache_get(_ptr_tables, ptr_key)
     if cached is None:
-        n = len(lists[0])
+        n = len(numels)
         stride = n + (n % 2)  # keep every row 16-byte aligned (one specialisation for all groups)
-        host = torch.zeros((len(lists), stride), dtype=torch.int64)
-        for k, lst in enumerate(ptr_key[2]):
-            host[k, :n] = torch.tensor(lst, dtype=torch.int64)
+        host = torch.zeros((len(all_lists), stride), dtype=torch.int64)
+        for k, ptrs in enumerate(ptr_key[2]):
+            host[k, :n] = torch.tensor(ptrs, dtype=torch.int64)
         dev = _to_device(host, device)
-        tables = [dev[k] for k in range(len(lists))]
-        n_vec = len(lists) - len(scalars)
-        aligned = all(n % 8 == 0 for n in numel_key[2]) and all(
-            ptr % 16 == 0 for lst in ptr_key[2][:n_vec] for ptr in lst
+        tables = [dev[k] for k in range(len(all_lists))]
+        vec_ptrs = ptr_key[2][: len(lists)]
+        aligned = tuple(
+            numels[i] % 8 == 0 and all(ptrs[i] % 16 == 0 for ptrs in vec_ptrs) for i in range(n)
         )
         cached = (tables, aligned)
         _cache_put(_ptr_tables, ptr_key, cached)
     tables, aligned = cached  # type: ignore[misc]
-    return LaunchPlan(tables, numels_d, block_tensor_d, block_start_d, n_blocks, aligned)  # type: ignore[arg-type]
+
+    numels_d = _cache_get(_numels, (device, numels))
+    if numels_d is None:
+        numels_d = _to_device(torch.tensor(numels, dtype=torch.int64), device)
+        _cache_put(_numels, (device, numels), numels_d)
+
+    map_key = (device, BLOCK, numels, aligned)
+    launches = _cache_get(_block_maps, map_key)
+    if launches is None:
+        launches = []
+        for cls in (True, False):
+            select = [i for i, a in enumerate(aligned) if a == cls]
+            if select:
+                launches.append(_build_block_map(numels, select, cls, device))
+        _cache_put(_block_maps, map_key, launches)
+    return LaunchPlan(tables, numels_d, launches)  # type: ignore[arg-type]
 
 
 def lr_args(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:

@@ -1,4 +1,4 @@
-"""The ProxSGD family in one Triton kernel: one launch per (device, dtype) group.
+"""The ProxSGD family in one Triton kernel, launched at most twice per group.
 
 Per element, in float32 registers (``g`` unscaled and negated first where asked):
 
@@ -147,39 +147,40 @@ def _launch_prox_sgd(
     if not flat.kept:
         return
     plan = launch_plan(flat.lists, device)
-    kernel[(plan.n_blocks,)](
-        plan.tables[0],
-        plan.tables[1],
-        plan.tables[2] if has_momentum else None,
-        plan.numels,
-        plan.block_tensor,
-        plan.block_start,
-        lr_tensor,
-        grad_scale,
-        found_inf,
-        lr_value,
-        float(weight_decay),
-        float(momentum),
-        float(dampening),
-        float(l1),
-        DTYPE=dtype,
-        BLOCK=BLOCK,
-        ALIGNED=plan.aligned,
-        MAXIMIZE=bool(maximize),
-        HAS_WD=weight_decay != 0,
-        DECOUPLED=bool(decoupled_weight_decay),
-        HAS_MOMENTUM=has_momentum,
-        FIRST_STEP=bool(is_first_step),
-        NESTEROV=bool(nesterov),
-        HAS_L1=l1 != 0,
-        COMPLEX=params[0].is_complex(),
-        LR_IS_TENSOR=lr_tensor is not None,
-        HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        # FMA contraction on, as nvcc's default for torch's own CUDA kernels (explicit: Triton 3.9
-        # warns when it is left to its changing default)
-        enable_fp_fusion=True,
-    )
+    for launch in plan.launches:  # the vectorised (aligned) tensors, then the rest
+        kernel[(launch.n_blocks,)](
+            plan.tables[0],
+            plan.tables[1],
+            plan.tables[2] if has_momentum else None,
+            plan.numels,
+            launch.block_tensor,
+            launch.block_start,
+            lr_tensor,
+            grad_scale,
+            found_inf,
+            lr_value,
+            float(weight_decay),
+            float(momentum),
+            float(dampening),
+            float(l1),
+            DTYPE=dtype,
+            BLOCK=BLOCK,
+            ALIGNED=launch.aligned,
+            MAXIMIZE=bool(maximize),
+            HAS_WD=weight_decay != 0,
+            DECOUPLED=bool(decoupled_weight_decay),
+            HAS_MOMENTUM=has_momentum,
+            FIRST_STEP=bool(is_first_step),
+            NESTEROV=bool(nesterov),
+            HAS_L1=l1 != 0,
+            COMPLEX=params[0].is_complex(),
+            LR_IS_TENSOR=lr_tensor is not None,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            # FMA contraction on, as nvcc's default for torch's own CUDA kernels (explicit: Triton 3.9
+            # warns when it is left to its changing default)
+            enable_fp_fusion=True,
+        )
     flat.finish()
 
 
@@ -238,7 +239,7 @@ def fused_prox_sgd_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """One ProxSGD step for tensors of one device and dtype, in one kernel launch.
+    """One ProxSGD step for tensors of one device and dtype, in at most two launches.
 
     See ``regoptim._fused.fused_prox_sgd_`` for the contract. Runs as the custom op
     ``torch.ops.regoptim.fused_prox_sgd_`` so ``torch.compile`` can trace a step that calls it.

@@ -259,6 +259,14 @@ def _many_sizes(n: int = 220) -> list[int]:
     return [*sizes, 1025]  # and one that spans two programs
 
 
+def _expected_grids(sizes: list[int]) -> list[int]:
+    """Programs of the vectorised launch (numel % 8 == 0; fresh storage is 16-byte aligned),
+    then of the scalar launch; empty tensors have none."""
+    aligned = sum(-(-n // 1024) for n in sizes if n % 8 == 0)
+    scalar = sum(-(-n // 1024) for n in sizes if n % 8 != 0)
+    return [g for g in (aligned, scalar) if g]
+
+
 def _record_grids(monkeypatch: pytest.MonkeyPatch, dual: Any, device: str) -> list[int]:
     """Record the grid of every launch of the ``device`` variant of a kernel (``kernel[grid]``)."""
     kernel = dual.for_device(device)
@@ -284,7 +292,7 @@ def test_sgd_many_tensors_one_launch(device, monkeypatch):
     sizes = _many_sizes()
     grids = _record_grids(monkeypatch, _sgd._prox_sgd_kernel, device)
     run_sgd(sizes, torch.float32, device, steps=2, **SGD_REPRESENTATIVE["nesterov_l2_l1"])
-    assert grids == [sum(-(-n // 1024) for n in sizes)] * 2  # one launch per step, all tensors
+    assert grids == _expected_grids(sizes) * 2  # two launches per step for all 221 tensors
 
 
 def test_adam_many_tensors_one_launch(device, monkeypatch):
@@ -293,7 +301,7 @@ def test_adam_many_tensors_one_launch(device, monkeypatch):
     sizes = _many_sizes()
     grids = _record_grids(monkeypatch, _adam._prox_adam_kernel, device)
     run_adam(sizes, torch.bfloat16, device, steps=2, **ADAM_REPRESENTATIVE["adamw_l1"])
-    assert grids == [sum(-(-n // 1024) for n in sizes)] * 2
+    assert grids == _expected_grids(sizes) * 2
 
 
 TORCH_SGD = {
@@ -731,16 +739,23 @@ def test_launch_tables_are_cached_until_pointers_change(device):
     assert flat.kept == [0, 1, 3]  # the empty tensor is skipped
     plan1 = _common.launch_plan(flat.lists, torch.device(device))
     plan2 = _common.launch_plan(flat.lists, torch.device(device))
-    assert plan1.tables[0] is plan2.tables[0] and plan1.block_tensor is plan2.block_tensor
-    assert plan1.n_blocks == 1 + 2 + 1
-    assert plan1.block_tensor.tolist() == [0, 1, 1, 2]
-    assert plan1.block_start.tolist() == [0, 0, 1024, 0]
+    assert plan1.tables[0] is plan2.tables[0] and plan1.launches is plan2.launches
+    (launch,) = plan1.launches  # no numel is a multiple of 8: one (scalar) launch
+    assert not launch.aligned and launch.n_blocks == 1 + 2 + 1
+    assert launch.block_tensor.tolist() == [0, 1, 1, 2]
+    assert launch.block_start.tolist() == [0, 0, 1024, 0]
     assert plan1.tables[1].tolist()[:3] == [g.data_ptr() for g in flat.lists[1]]
     new_grads = [g.clone() for g in flat.lists[1]]  # fresh gradients: new pointers, same numels
     plan3 = _common.launch_plan([flat.lists[0], new_grads], torch.device(device))
     assert plan3.tables[1] is not plan1.tables[1]
     assert plan3.tables[1].tolist()[:3] == [g.data_ptr() for g in new_grads]
-    assert plan3.block_tensor is plan1.block_tensor  # the block map depends on numels only
+    assert plan3.launches is plan1.launches  # same numels and alignment: same block maps
+    mixed = _make([8, 5, 1024], torch.float32, device, 2)
+    plan4 = _common.launch_plan([mixed, mixed], torch.device(device))
+    assert [(m.aligned, m.block_tensor.tolist()) for m in plan4.launches] == [
+        (True, [0, 2]),
+        (False, [1]),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -882,7 +897,7 @@ def _compile_for_sm90(dual: Any, args: tuple, kwargs: dict) -> Any:
     return triton.compile(src, target=target, options=options.__dict__)
 
 
-def _sgd_compile_step(dtype: torch.dtype, sizes: tuple = (8, 1025), **flags: Any) -> Any:
+def _sgd_compile_step(dtype: torch.dtype, sizes: tuple = (5, 1025), **flags: Any) -> Any:
     def step() -> None:
         params = [torch.randn(n).to(dtype) for n in sizes]
         amp = flags.pop("amp", False)
@@ -897,7 +912,7 @@ def _sgd_compile_step(dtype: torch.dtype, sizes: tuple = (8, 1025), **flags: Any
     return step
 
 
-def _adam_compile_step(dtype: torch.dtype, sizes: tuple = (8, 1025), **flags: Any) -> Any:
+def _adam_compile_step(dtype: torch.dtype, sizes: tuple = (5, 1025), **flags: Any) -> Any:
     def step() -> None:
         params = [torch.randn(n).to(dtype) for n in sizes]
         amp = flags.pop("amp", False)
@@ -973,7 +988,8 @@ def test_aligned_variant(device, offset):
     params = [b[offset:] for b in bases]
     grads = _make(sizes, torch.float32, device, 1)
     flat = _common.flatten_group([params, grads], [True, False])
-    assert _common.launch_plan(flat.lists, torch.device(device)).aligned == (offset == 0)
+    launches = _common.launch_plan(flat.lists, torch.device(device)).launches
+    assert [m.aligned for m in launches] == [offset == 0]
     ref_state: list[dict[str, Any]] = [{} for _ in params]
     ref = [p.to(torch.float64).cpu() for p in params]
     for _ in range(2):
