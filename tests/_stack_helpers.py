@@ -83,7 +83,9 @@ ALL_PATHS = [*EAGER_PATHS, *FUSED_PATHS]
 
 def torch_kwargs(path: dict[str, Any]) -> dict[str, Any]:
     """torch.optim flags that run the same torch code as regoptim's ``path`` (l1=0)."""
-    return {"fused": True} if not path else dict(path)
+    if not path or path.get("fused"):
+        return {"fused": True}
+    return dict(path)
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -3,7 +3,8 @@
 Every run is compared with a single process trained on the same global batches (each rank takes
 half of every batch; the loss is a mean, so the averaged gradients are the full-batch gradient up
 to rounding). float64 models keep that rounding far below the L1 thresholds, so the exact zeros
-must agree too.
+must agree too. The FSDP2 run also saves its sharded optimizer state with
+torch.distributed.checkpoint and resumes from it.
 """
 
 from __future__ import annotations
@@ -153,17 +154,12 @@ def test_zero_redundancy_optimizer_equals_unsharded(tmp_path: Any) -> None:
 
 def _fsdp2_worker(rank: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
     results: dict[str, str] = {}
     for name, (cls, kwargs) in CONFIGS.items():
-        model = make_model(dtype=DTYPE)
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = _sharded(mesh, 0)
         assert all(isinstance(p, DTensor) for p in model.parameters())
         opt = cls(model.parameters(), **kwargs)
         try:
@@ -177,19 +173,87 @@ def _fsdp2_worker(rank: int, out_dir: str) -> None:
         _assert_same_on_all_ranks(params)
         _assert_matches_single(params, _single_process(cls, kwargs))
         results[name] = "ok"
+    _fsdp2_dcp_resume(rank, mesh, out_dir)
+    results["dcp-resume"] = "ok"
     if rank == 0:
         with open(os.path.join(out_dir, "fsdp2.json"), "w") as f:
             json.dump(results, f)
 
 
-def test_fsdp2_matches_single_process(tmp_path: Any) -> None:
-    run_distributed(_fsdp2_worker, str(tmp_path), tmp_path=tmp_path)
-    with open(tmp_path / "fsdp2.json") as f:
-        results = json.load(f)
-    assert set(results) == set(CONFIGS)
-    for name, outcome in results.items():
+def _sharded(mesh: Any, seed: int) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(seed=seed, dtype=DTYPE)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp2_dcp_resume(rank: int, mesh: Any, out_dir: str) -> None:
+    """Sharded optimizer state through torch.distributed.checkpoint: resuming from the
+    checkpoint continues exactly as the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    cls, kwargs = CONFIGS["ProxAdamW-default"]
+    ckpt = os.path.join(out_dir, "ckpt")
+    batches = make_batches(2 * N_STEPS, batch=BATCH, dtype=DTYPE)
+
+    def steps(model: torch.nn.Module, opt: Any, bs: list[Any]) -> None:
+        for x, y in bs:
+            opt.zero_grad()
+            loss_fn(model, _local(x, rank), _local(y, rank)).backward()
+            opt.step()
+
+    model = _sharded(mesh, 0)
+    opt = cls(model.parameters(), **kwargs)
+    steps(model, opt, batches[:N_STEPS])
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=ckpt,
+    )
+    steps(model, opt, batches[N_STEPS:])
+
+    resumed = _sharded(mesh, 123)
+    ropt = cls(resumed.parameters(), **kwargs)
+    state = {
+        "model": get_model_state_dict(resumed),
+        "optim": get_optimizer_state_dict(resumed, ropt),
+    }
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(resumed, state["model"])
+    set_optimizer_state_dict(resumed, ropt, state["optim"])
+    steps(resumed, ropt, batches[N_STEPS:])
+    full = [p.full_tensor() for p in resumed.parameters()]
+    assert_params_equal(full, [p.full_tensor() for p in model.parameters()])
+    assert sum(int((p == 0).sum()) for p in full) > 0
+
+
+@pytest.fixture(scope="module")
+def fsdp2_results(tmp_path_factory: Any) -> dict[str, str]:
+    """One 2-process FSDP2 run for the tests below: outcome per config, and of the DCP resume."""
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    run_distributed(_fsdp2_worker, str(tmp), tmp_path=tmp)
+    with open(tmp / "fsdp2.json") as f:
+        return json.load(f)
+
+
+def test_fsdp2_matches_single_process_and_resumes_from_dcp(fsdp2_results: dict[str, str]) -> None:
+    assert set(fsdp2_results) == {*CONFIGS, "dcp-resume"}
+    for name, outcome in fsdp2_results.items():
         if name != "ProxSGD-default":
             assert outcome == "ok", (name, outcome)
-    if results["ProxSGD-default"] != "ok":
-        assert "_fused_sgd_" in results["ProxSGD-default"], results["ProxSGD-default"]
-        pytest.xfail(f"{BUG_DTENSOR_FUSED_SGD}: {results['ProxSGD-default']}")
+
+
+def test_fsdp2_prox_sgd_default_path(fsdp2_results: dict[str, str]) -> None:
+    outcome = fsdp2_results["ProxSGD-default"]
+    if outcome != "ok":
+        assert "_fused_sgd_" in outcome, outcome
+        pytest.xfail(f"{BUG_DTENSOR_FUSED_SGD}: {outcome}")

@@ -20,6 +20,7 @@ from regoptim.reference import adam_step, sgd_step
 from tests._stack_helpers import (
     ALL_PATHS,
     COUNTERPART,
+    FUSED_PATHS,
     assert_params_equal,
     assert_state_equal,
     loss_fn,
@@ -123,12 +124,19 @@ def test_scheduler_matches_torch_float_lr(opt_name: str, sched_name: str) -> Non
     _compare(cls, {"lr": 1e-2, **kwargs}, sched_name, {"foreach": False})
 
 
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+@pytest.mark.parametrize("path", [pytest.param({}, id="default"), FUSED_PATHS[0]])
 @pytest.mark.parametrize("sched_name", ["OneCycleLR", "CyclicLR", "SequentialLR"])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_scheduler_matches_torch_default_path(opt_name: str, sched_name: str) -> None:
+def test_scheduler_matches_torch_fused(
+    opt_name: str, sched_name: str, path: dict[str, Any], lr_kind: str
+) -> None:
+    """regoptim's default CPU path (torch's fused CPU kernel plus a pass that l1=0 skips) and its
+    own fused C++ kernel, both against torch's fused CPU optimizer: bitwise."""
     cls, kwargs = OPTIMIZERS[opt_name]
-    # regoptim's default CPU path is torch's fused CPU kernel (plus a pass that l1=0 skips)
-    _compare(cls, {"lr": 1e-2, **kwargs}, sched_name, {})
+    lr = torch.tensor(1e-2) if lr_kind == "tensor" else 1e-2
+    with on_path(path) as path_kwargs:
+        _compare(cls, {"lr": lr, **kwargs}, sched_name, path_kwargs)
 
 
 @pytest.mark.parametrize("sched_name", list(SCHEDULERS))
