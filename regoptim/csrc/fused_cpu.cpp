@@ -1,17 +1,19 @@
 // regoptim fused CPU kernel: one pass over all tensors of a (dtype) group for ProxSGD and
 // ProxAdam(W), every regularizer included.
 //
-// No torch headers: this file is compiled at first use by regoptim/_cpu_fused.py in ~1-2 s and
-// cached on disk; the entry points take int64 tables of data pointers and numels for the whole
-// group, and every hyperparameter as a runtime scalar (a new lr, weight decay or l1 never
+// No torch headers: this file is compiled at first use by regoptim/_cpu_fused.py (a few seconds)
+// and cached on disk; the entry points take int64 tables of data pointers and numels for the
+// whole group, and every hyperparameter as a runtime scalar (a new lr, weight decay or l1 never
 // rebuilds anything).
 //
 // Numerics. Storage is float32, bfloat16 or float16; the math is float32. Scalars are rounded to
-// float exactly where torch's fused CPU kernels round them (torch/aten/src/ATen/native/cpu/
+// float exactly where torch's fused CPU kernels round them (aten/src/ATen/native/cpu/
 // FusedSGDKernel.cpp, FusedAdamKernel.cpp), and FMAs are written out explicitly (std::fma) where
-// torch's vector code has them, so that with the regularizers torch has the float32 result is
-// bitwise torch's. The file must be compiled with -ffp-contract=off (no implicit FMA) and without
-// -ffast-math; -fno-math-errno / -fno-trapping-math do not change any result.
+// torch's compiled kernels have them -- in its vector loops, and, contracted differently, in its
+// scalar tails (the last numel % vector-width elements of each tensor) -- so that with the
+// regularizers torch also has (coupled L2, no L1) the float32 result is bitwise torch's on
+// AVX2/AVX512 builds. The file must be compiled with -ffp-contract=off (no implicit FMA) and
+// without -ffast-math; -fno-math-errno / -fno-trapping-math change no result.
 //
 // Work split: the elements of all tensors are laid end to end and cut into one contiguous range
 // per thread (cache-line aligned), so 1024 small tensors cost the same as 4 big ones.
