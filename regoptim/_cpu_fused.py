@@ -340,25 +340,46 @@ def _prepare(
     numels = [p.numel() * factor for p in params]
     copies: list[tuple[Tensor, Tensor]] = []
     keep: list[Tensor] = []
-    rows: list[list[int]] = [numels]
-    for lst, w in zip(lists, written, strict=False):
-        row = []
-        for t in lst:
-            if not t.is_contiguous():
-                c = t.contiguous()
-                row.append(c.data_ptr())
-                keep.append(c)
-                if w:
-                    copies.append((t, c))
-            else:
-                row.append(t.data_ptr())
-        rows.append(row)
+    # A non-contiguous param whose layout is dense (e.g. channels_last) is addressed directly
+    # when every tensor of its index has the same strides: the update is elementwise, so any
+    # common order of the elements will do. Otherwise non-contiguous tensors get contiguous
+    # copies (the logical order of the contiguous ones).
+    rows: list[list[int]] = [numels] + [[] for _ in lists]
+    for i in range(len(params)):
+        group = [lst[i] for lst in lists]
+        shaped = group[:n_shaped]
+        same = all(t.is_contiguous() for t in shaped) or _dense_same_layout(shaped)
+        for r, t in enumerate(group):
+            if same or t.is_contiguous():
+                rows[r + 1].append(t.data_ptr())
+                continue
+            c = t.contiguous()
+            rows[r + 1].append(c.data_ptr())
+            keep.append(c)
+            if written[r]:
+                copies.append((t, c))
     table = _Table(key, rows, tuple(map(Tensor.numel, params)))
     if not keep:
         if len(_tables) >= _MAX_TABLES:
             _tables.clear()
         _tables[slot] = table
     return _Prepared(table, copies, keep)
+
+
+def _dense_same_layout(tensors: list[Tensor]) -> bool:
+    """All ``tensors`` have the first one's strides, and those strides lay its elements out
+    densely without overlap (a permutation of a contiguous layout)."""
+    first = tensors[0]
+    strides = first.stride()
+    if any(t.stride() != strides for t in tensors[1:]):
+        return False
+    dims = sorted((s, n) for s, n in zip(strides, first.shape, strict=True) if n != 1)
+    expected = 1
+    for s, n in dims:
+        if s != expected:
+            return False
+        expected *= n
+    return True
 
 
 def _refresh(

@@ -502,3 +502,21 @@ def test_fresh_grads_every_step_reuse_the_table():
     _check(params, refs, torch.float32)
     with pytest.raises(ValueError, match="shape"):
         _sgd_call(params, [torch.randn(64), torch.randn(3), torch.randn(1024)], None, momentum=0.0)
+
+
+def test_channels_last_is_addressed_in_place():
+    """A dense non-contiguous layout shared by param, grad and state (channels_last) needs no
+    copies; a grad in another layout is still matched element by element."""
+    gen = torch.Generator().manual_seed(5)
+    shape = (3, 8, 5, 7)
+    cl = torch.channels_last
+    params = [_randn(shape, gen=gen).contiguous(memory_format=cl) for _ in range(2)]
+    grads = [
+        [_randn(shape, gen=gen).contiguous(memory_format=cl), _randn(shape, gen=gen)]
+        for _ in range(3)
+    ]
+    prep = cf._prepare("probe", [params, grads[0][:1] * 2], [True, False], torch.float32, 2)
+    assert prep.keep == [] and prep.table.rows  # no copies for the shared layout
+    refs = _run_sgd(params, grads, momentum=0.9, weight_decay=0.1, l1=0.05)
+    _check(params, refs, torch.float32)
+    assert all(p.is_contiguous(memory_format=cl) for p in params)
