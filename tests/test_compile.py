@@ -1,7 +1,7 @@
 """torch.compile: a compiled ``opt.step`` and a compiled training step match eager.
 
 Dynamo and AOTAutograd (functionalization, the graph inductor receives) run for real with the
-``aot_eager`` backend; inductor's C++ code generation costs ~70 s cold on 2 cores, so the inductor
+``aot_eager`` backend; inductor's C++ code generation costs 20-70 s cold on 2 cores, so the inductor
 test runs only with ``REGOPTIM_TEST_INDUCTOR=1``. Compiled and eager results are compared with the
 float32 tolerance: under compile torch's optimizers take other (capturable, for-loop) branches whose
 operation order differs in the last bits.
@@ -200,7 +200,7 @@ def test_no_recompile_when_tensor_lr_changes(
     sched = S.CosineAnnealingLR(opt, T_max=6)
     counter = _GraphCounter()
     step = torch.compile(opt.step, backend=counter)
-    batches = make_batches(6)
+    batches = make_batches(5)
 
     def one(i: int) -> None:
         opt.zero_grad()
@@ -213,10 +213,10 @@ def test_no_recompile_when_tensor_lr_changes(
     graphs = counter.graphs
     lrs = set()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for i in range(2, 6):
+        for i in range(2, 5):
             one(i)
             lrs.add(float(opt.param_groups[0]["lr"]))
-    assert len(lrs) == 4
+    assert len(lrs) == 3
     assert counter.graphs == graphs, "recompiled when the lr changed"
 
 
@@ -238,7 +238,7 @@ def test_float_lr_recompiles_no_more_than_torch(cls: type, kwargs: dict[str, Any
         opt = klass(model.parameters(), lr=1e-2, **kw)
         counter = _GraphCounter()
         step = torch.compile(opt.step, backend=counter)
-        for i, (x, y) in enumerate(make_batches(6)):
+        for i, (x, y) in enumerate(make_batches(4)):
             opt.param_groups[0]["lr"] = 1e-2 * 0.8**i
             opt.zero_grad()
             loss_fn(model, x, y).backward()
@@ -271,8 +271,8 @@ def test_compiled_training_step_matches_eager(cls: type, kwargs: dict[str, Any])
     """model + loss + backward + step in one compiled function."""
     torch._dynamo.reset()
     kwargs = {"lr": 1e-2, **kwargs, "foreach": False}
-    compiled = _train_compiled_model(cls, kwargs, 4, lambda f: torch.compile(f, backend=BACKEND))
-    eager = _train_compiled_model(cls, kwargs, 4, None)
+    compiled = _train_compiled_model(cls, kwargs, 3, lambda f: torch.compile(f, backend=BACKEND))
+    eager = _train_compiled_model(cls, kwargs, 3, None)
     _assert_close_f32(compiled, eager)
     assert any(bool((p == 0).any()) for p in compiled)
 
@@ -280,7 +280,7 @@ def test_compiled_training_step_matches_eager(cls: type, kwargs: dict[str, Any])
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("REGOPTIM_TEST_INDUCTOR") != "1",
-    reason="inductor's C++ codegen takes ~70 s cold on 2 cores; set REGOPTIM_TEST_INDUCTOR=1",
+    reason="inductor C++ codegen takes 20-70 s cold on 2 cores; set REGOPTIM_TEST_INDUCTOR=1",
 )
 def test_inductor_training_step_matches_eager() -> None:
     torch._dynamo.reset()
