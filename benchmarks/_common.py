@@ -267,10 +267,14 @@ def sync(device: torch.device) -> None:
 
 
 class Timer:
-    """Times one call. CPU: ``time.perf_counter``; CUDA: CUDA events after a synchronize."""
+    """Times one call. CPU: ``time.perf_counter`` (wall), or with ``cpu_time`` the process's CPU
+    time (``time.process_time``: all threads, so use it with one thread, where it is the work of
+    the step without the time the process spent descheduled on a busy machine); CUDA: CUDA events
+    after a synchronize."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, cpu_time: bool = False) -> None:
         self.device = device
+        self.clock = time.process_time if cpu_time else time.perf_counter
         if device.type == "cuda":
             self._start = torch.cuda.Event(enable_timing=True)
             self._end = torch.cuda.Event(enable_timing=True)
@@ -284,9 +288,9 @@ class Timer:
             self._end.record()
             self._end.synchronize()
             return self._start.elapsed_time(self._end) / 1e3
-        t0 = time.perf_counter()
+        t0 = self.clock()
         fn()
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
 
 def do_bench_available() -> bool:
@@ -340,7 +344,7 @@ def run_case(
     *,
     repeat: int,
     warmup: int,
-    timer: str = "perf",
+    timer: str = "perf",  # "perf", "cpu", "events" or "do_bench"
     memory_budget: int | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> list[Result]:
@@ -367,7 +371,7 @@ def run_case(
             live.append(key)
     params = make_params(numel, tensors, dtype, device)
     gen = torch.Generator(device=device).manual_seed(1)
-    time_one = Timer(device)
+    time_one = Timer(device, cpu_time=timer == "cpu")
 
     def prepare(key: str) -> Optimizer | None:
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script from anywhere: make `benchmarks` importable
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.append(str(HERE.parent))  # appended: a regoptim on PYTHONPATH still wins
 
 import torch  # noqa: E402
 
@@ -71,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--timer",
         default="auto",
-        choices=["auto", "perf", "events", "do_bench"],
-        help="auto: perf_counter on CPU, CUDA events (interleaved) on CUDA; "
+        choices=["auto", "perf", "cpu", "events", "do_bench"],
+        help="auto: perf (wall clock) on CPU, events (CUDA events, interleaved) on CUDA; "
+        "cpu: process CPU time, for a busy machine (with --threads 1); "
         "do_bench: triton.testing.do_bench per implementation (CUDA)",
     )
     ap.add_argument("--hbm-peak-gbs", type=float, help="GPU memory peak for the %% column")
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         timer = "events" if device.type == "cuda" else "perf"
     if timer == "do_bench" and (device.type != "cuda" or not do_bench_available()):
         raise SystemExit("--timer do_bench needs --device cuda and triton")
+    if timer in ("perf", "cpu") and device.type == "cuda":
+        raise SystemExit(f"--timer {timer} is for --device cpu (use events or do_bench)")
+    if timer == "events" and device.type != "cuda":
+        raise SystemExit("--timer events needs --device cuda")
 
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -208,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(device)
     info["timer"] = {
         "perf": "time.perf_counter around step(), gradients regenerated untimed before each step",
+        "cpu": "process CPU time (time.process_time) of step(), gradients regenerated untimed",
         "events": "CUDA events around step() after a synchronize, gradients regenerated untimed",
         "do_bench": "triton.testing.do_bench median (gradients fixed, L2 flushed between calls)",
     }[timer]
