@@ -2,7 +2,7 @@ r"""ProxAdam and ProxAdamW: torch.optim.Adam/AdamW with a proximal L1 step in Ad
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -180,7 +180,10 @@ class ProxAdam(ProxOptimizer):
     ) -> bool:
         has_complex = False
         on_device_steps = impl in ("fused", "torch_fused")
-        for p in params:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
             has_complex |= torch.is_complex(p)
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(
@@ -223,11 +226,12 @@ class ProxAdam(ProxOptimizer):
         return self._step_groups(closure, self._step_group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
+        probe = [p for p in group["params"] if p.grad is not None]
+        if not probe:
             return
-        grads_probe = [p.grad for p in params]
-        impl = resolve_impl(params, grads_probe, foreach=group["foreach"], fused=group["fused"])  # type: ignore[arg-type]
+        grads_probe = [p.grad for p in probe]
+        impl = resolve_impl(probe, grads_probe, foreach=group["foreach"], fused=group["fused"])  # type: ignore[arg-type]
+        params: list[Tensor] = []
         grads: list[Tensor] = []
         exp_avgs: list[Tensor] = []
         exp_avg_sqs: list[Tensor] = []
@@ -406,6 +410,9 @@ def _eager_prox_adam(
         state_steps,
         foreach=impl == "foreach",
         fused=impl == "torch_fused",
+        # under torch.compile dynamo sets "capturable" to True in torch's own optimizers' groups;
+        # torch's non-capturable foreach Adam does not trace on CPU
+        capturable=torch.compiler.is_compiling(),
         has_complex=has_complex,
         decoupled_weight_decay=decoupled_weight_decay,
         amsgrad=amsgrad,
@@ -441,19 +448,23 @@ def _adam_prox_l1_(
     foreach: bool,
 ) -> None:
     """Soft-threshold each weight by ``lr * l1 / d`` with ``d = sqrt(v) / sqrt(1 - beta2^t) + eps``."""
-    bc2_sqrt = [(1 - beta2 ** float(s)) ** 0.5 for s in state_steps]
+    compiling = torch.compiler.is_compiling()
+    # under compile: the step tensor in float64 (as float(s) is in eager), no .item() graph break
+    bc2_sqrt = [(1 - beta2 ** (s.double() if compiling else float(s))) ** 0.5 for s in state_steps]
     real = [i for i, p in enumerate(params) if not p.is_complex()]
     if foreach and real and not isinstance(lr, Tensor):
-        ps = [params[i] for i in real]
-        denom = torch._foreach_sqrt([second_moments[i] for i in real])
-        torch._foreach_div_(denom, [bc2_sqrt[i] for i in real])
-        torch._foreach_add_(denom, eps)
-        torch._foreach_reciprocal_(denom)
-        torch._foreach_mul_(denom, lr * l1)  # the threshold t = lr * l1 / d
-        clamped = torch._foreach_minimum(ps, denom)
-        torch._foreach_neg_(denom)
-        torch._foreach_maximum_(clamped, denom)
-        torch._foreach_sub_(ps, clamped)
+        lists = (
+            [params[i] for i in real],
+            [second_moments[i] for i in real],
+            [bc2_sqrt[i] for i in real],
+        )
+        if all(params[i].device.type == "cpu" for i in real):
+            # CPU: a chain of whole-list foreach ops streams every tensor through memory at each
+            # op; cache-sized blocks keep the temporaries (and p, v) in cache between ops.
+            for block in _cache_blocks(*lists, _PROX_BLOCK_NUMEL):
+                _foreach_adam_prox_(*block, lr * l1, eps)
+        else:
+            _foreach_adam_prox_(*lists, lr * l1, eps)
         done = set(real)
     else:
         done = set()
@@ -469,6 +480,54 @@ def _adam_prox_l1_(
             lr * l1 if not isinstance(lr, Tensor) else lr.to(p.device) * l1
         )
         soft_threshold_(p, threshold)
+
+
+# Elements per block of the CPU prox pass: p, v and two temporaries of this size (4 MiB in float32)
+# stay in L2/L3 from one foreach op to the next.
+_PROX_BLOCK_NUMEL = 256 * 1024
+
+
+def _foreach_adam_prox_(
+    ps: list[Tensor], vs: list[Tensor], bc2_sqrt: list[float], lr_l1: float, eps: float
+) -> None:
+    """``p -= clamp(p, -t, t)`` with ``t = lr_l1 / (sqrt(v) / bc2_sqrt + eps)``, foreach."""
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_reciprocal_(denom)
+    torch._foreach_mul_(denom, lr_l1)  # the threshold t = lr * l1 / d
+    clamped = torch._foreach_minimum(ps, denom)
+    torch._foreach_neg_(denom)
+    torch._foreach_maximum_(clamped, denom)
+    torch._foreach_sub_(ps, clamped)
+
+
+def _cache_blocks(
+    ps: list[Tensor], vs: list[Tensor], bc2_sqrt: list[float], numel: int
+) -> Iterator[tuple[list[Tensor], list[Tensor], list[float]]]:
+    """Split the lists into blocks of about ``numel`` elements; a larger tensor is cut into flat
+    chunks when it and its ``v`` are contiguous (elementwise ops do not care where a chunk ends)."""
+    bp: list[Tensor] = []
+    bv: list[Tensor] = []
+    bb: list[float] = []
+    n = 0
+    for p, v, b in zip(ps, vs, bc2_sqrt, strict=True):
+        m = p.numel()
+        if m > numel and p.is_contiguous() and v.is_contiguous():
+            pf, vf = p.view(-1), v.view(-1)
+            pieces = [(pf[s : s + numel], vf[s : s + numel]) for s in range(0, m, numel)]
+        else:
+            pieces = [(p, v)]
+        for pp, vv in pieces:
+            bp.append(pp)
+            bv.append(vv)
+            bb.append(b)
+            n += pp.numel()
+            if n >= numel:
+                yield bp, bv, bb
+                bp, bv, bb, n = [], [], [], 0
+    if bp:
+        yield bp, bv, bb
 
 
 def _fused_prox_adam(

@@ -140,11 +140,16 @@ def resolve_impl(
         return "loop"
     if not params:
         return "loop"
-    dense_real = all(type(p) is torch.Tensor and p.is_floating_point() for p in params)
+    dense_real = all(
+        type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point() for p in params
+    )
     if dense_real and all(p.is_cuda for p in params) and _triton_fused_default_ok(params):
         return "fused"
     if (
         torch_fused_ok
+        and not torch.compiler.is_compiling()
+        # plain tensors only: torch's fused SGD kernel has no DTensor (FSDP2) sharding strategy
+        and all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params)
         and all(p.device.type == "cpu" for p in params)
         and all(p.dtype in _TORCH_FUSED_CPU_DTYPES for p in params)
         and all(p.stride() == g.stride() for p, g in zip(params, grads, strict=True))
@@ -230,7 +235,8 @@ class ProxOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            self._validate_group(group)
+            if not torch.compiler.is_compiling():
+                self._validate_group(group)
             step_group(group)
         return loss
 

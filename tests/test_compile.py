@@ -40,23 +40,6 @@ OPTIMIZERS = [
     ),
 ]
 
-# Each bug below is described, with its patch, in the issue-6 report. The xfails are not strict
-# because regoptim is being fixed concurrently (an XPASS in `pytest -rX` means a patch landed:
-# drop the marker then).
-BUG_VALIDATE = (
-    "regoptim bug: ProxOptimizer._step_groups validates every group on every step; once a float "
-    "lr changed, dynamo makes it a SymFloat and math.isnan(lr) in validate_lr is a graph break"
-)
-BUG_TORCH_FUSED = (
-    "regoptim bug: resolve_impl picks torch's fused CPU kernel under torch.compile; torch wraps "
-    "it in torch._disable_dynamo (graph breaks)"
-)
-BUG_CAPTURABLE = (
-    "regoptim bug: _eager_prox_adam does not pass capturable=True to torch's adam() under "
-    "compile (dynamo sets it for torch's own optimizers); torch's non-capturable foreach Adam "
-    "fails to trace on CPU ('Expected scalars to be on CPU, got meta instead')"
-)
-
 
 _SGD, _ADAM, _ADAMW = (o.values for o in OPTIMIZERS)
 LOOP, FOREACH, DEFAULT = (p.values[0] for p in EAGER_PATHS)
@@ -105,19 +88,10 @@ def _assert_close_f32(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         torch.testing.assert_close(x, y, **TOL[torch.float32])
 
 
-def _known_bug_step(cls: type, path: dict[str, Any]) -> str | None:
-    """Why the non-fullgraph compiled step fails today, or None."""
-    if cls is not regoptim.ProxSGD and path.get("foreach"):
-        return BUG_CAPTURABLE
-    return None
-
-
 @pytest.mark.parametrize("cls,kwargs,path,lr_kind", CASES)
 def test_compiled_step_matches_eager(
     cls: type, kwargs: dict[str, Any], path: dict[str, Any], lr_kind: str, request: Any
 ) -> None:
-    if (bug := _known_bug_step(cls, path)) is not None:
-        request.applymarker(pytest.mark.xfail(reason=bug))
     kwargs = {"lr": _lr(lr_kind), **kwargs, **path}
     torch._dynamo.reset()
     eager, eager_state = _train_steps(cls, {**kwargs, "lr": _lr(lr_kind)}, 3, None)
@@ -133,22 +107,11 @@ def test_compiled_step_matches_eager(
             )
 
 
-def _fullgraph_bugs(cls: type, path: dict[str, Any], lr_kind: str) -> list[str]:
-    bugs = [BUG_VALIDATE] if lr_kind == "float" else []
-    if not path:
-        bugs.append(BUG_TORCH_FUSED)
-    if cls is not regoptim.ProxSGD and path.get("foreach"):
-        bugs.append(BUG_CAPTURABLE)
-    return bugs
-
-
 @pytest.mark.parametrize("cls,kwargs,path,lr_kind", CASES)
 def test_step_compiles_fullgraph(
     cls: type, kwargs: dict[str, Any], path: dict[str, Any], lr_kind: str, request: Any
 ) -> None:
     """No graph break at all in regoptim's step on torch's paths (fullgraph=True raises on one)."""
-    if bugs := _fullgraph_bugs(cls, path, lr_kind):
-        request.applymarker(pytest.mark.xfail(reason="; ".join(bugs)))
     torch._dynamo.reset()
     kwargs = {"lr": _lr(lr_kind), **kwargs, **path}
     compiled, _ = _train_steps(
@@ -192,8 +155,6 @@ class _GraphCounter:
 def test_no_recompile_when_tensor_lr_changes(
     cls: type, kwargs: dict[str, Any], path: dict[str, Any], request: Any
 ) -> None:
-    if cls is regoptim.ProxSGD and not path:
-        request.applymarker(pytest.mark.xfail(reason=BUG_TORCH_FUSED))
     torch._dynamo.reset()
     model = make_model()
     opt = cls(model.parameters(), lr=torch.tensor(1e-2), **kwargs, **path)
@@ -220,7 +181,6 @@ def test_no_recompile_when_tensor_lr_changes(
     assert counter.graphs == graphs, "recompiled when the lr changed"
 
 
-@pytest.mark.xfail(reason=BUG_VALIDATE + ": regoptim recompiles on every lr change")
 @pytest.mark.parametrize("cls,kwargs", [OPTIMIZERS[2]])
 def test_float_lr_recompiles_no_more_than_torch(cls: type, kwargs: dict[str, Any]) -> None:
     """A float lr: dynamo specializes on the first value and turns it dynamic on the first change

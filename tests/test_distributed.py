@@ -57,11 +57,6 @@ CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
     ),
 }
 
-BUG_DTENSOR_FUSED_SGD = (
-    "regoptim bug: resolve_impl sends DTensor (FSDP2) params to torch's fused CPU SGD kernel; "
-    "aten._fused_sgd_ has no DTensor sharding strategy (NotImplementedError)"
-)
-
 
 def _single_process(cls: type, kwargs: dict[str, Any]) -> list[torch.Tensor]:
     model = make_model(dtype=DTYPE)
@@ -164,7 +159,7 @@ def _fsdp2_worker(rank: int, out_dir: str) -> None:
         opt = cls(model.parameters(), **kwargs)
         try:
             _train_local(rank, model, opt)
-        except NotImplementedError as exc:  # see BUG_DTENSOR_FUSED_SGD; both ranks raise alike
+        except NotImplementedError as exc:  # both ranks raise alike; reported by the test
             results[name] = f"NotImplementedError: {exc}"
             continue
         assert all(isinstance(s.get("exp_avg", s.get("momentum_buffer")), DTensor)
@@ -248,12 +243,9 @@ def fsdp2_results(tmp_path_factory: Any) -> dict[str, str]:
 def test_fsdp2_matches_single_process_and_resumes_from_dcp(fsdp2_results: dict[str, str]) -> None:
     assert set(fsdp2_results) == {*CONFIGS, "dcp-resume"}
     for name, outcome in fsdp2_results.items():
-        if name != "ProxSGD-default":
-            assert outcome == "ok", (name, outcome)
+        assert outcome == "ok", (name, outcome)
 
 
 def test_fsdp2_prox_sgd_default_path(fsdp2_results: dict[str, str]) -> None:
-    outcome = fsdp2_results["ProxSGD-default"]
-    if outcome != "ok":
-        assert "_fused_sgd_" in outcome, outcome
-        pytest.xfail(f"{BUG_DTENSOR_FUSED_SGD}: {outcome}")
+    # the default path must not hand DTensors to torch's fused CPU SGD (no sharding strategy)
+    assert fsdp2_results["ProxSGD-default"] == "ok"

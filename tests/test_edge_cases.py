@@ -227,3 +227,15 @@ def test_fused_true_routes_unsupported_dtypes_to_the_torch_path(info, backend, m
     cfg = {**REG[info.name], "fused": True}
     opt = info.cls(params, **cfg)
     _check_against_reference(info, params, opt, cfg)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_prox_never_hides_a_nan(info, impl):
+    """A NaN weight stays NaN through the prox (a soft-threshold that maps NaN to 0 would hide a
+    diverged run); the other entries get exact zeros as usual."""
+    p = torch.tensor([float("nan"), 0.1, 0.05, 2.0], requires_grad=True)
+    opt = info.cls([p], lr=0.1, l1=1.0, **IMPLS[impl])
+    p.grad = torch.ones(4)  # a step of about lr = 0.1 for SGD and Adam alike, then the prox
+    opt.step()
+    assert torch.isnan(p[0]) and p[1] == 0 and p[2] == 0 and 0 < p[3] < 2.0
