@@ -21,7 +21,9 @@ def diabetes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", [{"foreach": False}, {"foreach": True}, {}], ids=["loop", "foreach", "default"])
+@pytest.mark.parametrize(
+    "impl", [{"foreach": False}, {"foreach": True}, {}], ids=["loop", "foreach", "default"]
+)
 def test_ista_meets_lasso_optimality(diabetes, impl):
     x, y = diabetes
     n = x.shape[0]
@@ -44,6 +46,8 @@ def test_ista_meets_lasso_optimality(diabetes, impl):
 
     from sklearn.linear_model import Lasso
 
-    sk = Lasso(alpha=lam, fit_intercept=False, tol=1e-12, max_iter=100_000).fit(x.numpy(), y.numpy())
+    sk = Lasso(alpha=lam, fit_intercept=False, tol=1e-12, max_iter=100_000).fit(
+        x.numpy(), y.numpy()
+    )
     torch.testing.assert_close(w.detach(), torch.tensor(sk.coef_), rtol=0, atol=1e-6)
     assert torch.equal(w.detach() == 0, torch.tensor(sk.coef_) == 0)
