@@ -111,6 +111,7 @@ def _triton_fused_default_ok(params: list[Tensor]) -> bool:
 # every gradient has its parameter's strides (they walk both as flat memory; autograd's gradient
 # layout contract makes that the usual case, a gradient assigned by hand may break it).
 _TORCH_FUSED_CPU_DTYPES = (torch.float32, torch.float64)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def resolve_impl(
@@ -140,19 +141,28 @@ def resolve_impl(
         return "loop"
     if not params:
         return "loop"
-    dense_real = all(
-        type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point() for p in params
-    )
-    if dense_real and all(p.is_cuda for p in params) and _triton_fused_default_ok(params):
+    # one pass over the tensors (this runs every step, for every tensor of the group)
+    plain = cpu = cuda = torch_fused_dtypes = same_strides = True
+    floating = True
+    for p, g in zip(params, grads, strict=True):
+        plain = plain and type(p) in _PLAIN_TENSOR_TYPES
+        floating = floating and p.is_floating_point()
+        device_type = p.device.type
+        cpu = cpu and device_type == "cpu"
+        cuda = cuda and device_type == "cuda"
+        torch_fused_dtypes = torch_fused_dtypes and p.dtype in _TORCH_FUSED_CPU_DTYPES
+        same_strides = same_strides and p.stride() == g.stride()
+    if plain and floating and cuda and _triton_fused_default_ok(params):
         return "fused"
+    # plain tensors only: torch's fused SGD kernel has no DTensor (FSDP2) sharding strategy, and
+    # under torch.compile torch runs its fused kernels outside dynamo (graph breaks)
     if (
         torch_fused_ok
+        and plain
+        and cpu
+        and torch_fused_dtypes
+        and same_strides
         and not torch.compiler.is_compiling()
-        # plain tensors only: torch's fused SGD kernel has no DTensor (FSDP2) sharding strategy
-        and all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params)
-        and all(p.device.type == "cpu" for p in params)
-        and all(p.dtype in _TORCH_FUSED_CPU_DTYPES for p in params)
-        and all(p.stride() == g.stride() for p, g in zip(params, grads, strict=True))
     ):
         return "torch_fused"
     from torch.optim.optimizer import _default_to_fused_or_foreach
