@@ -14,6 +14,7 @@ from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
     group_tensors,
+    on_device,
     resolve_impl,
     unscale_or_skip,
     validate_betas,
@@ -476,9 +477,7 @@ def _adam_prox_l1_(
             d = (torch.view_as_real(v).sqrt() / bc2_sqrt[i]).add_(eps).mean(dim=-1)
         else:
             d = (v.sqrt() / bc2_sqrt[i]).add_(eps)
-        threshold = d.reciprocal_().mul_(
-            lr * l1 if not isinstance(lr, Tensor) else lr.to(p.device) * l1
-        )
+        threshold = d.reciprocal_().mul_(on_device(lr, p.device) * l1)
         soft_threshold_(p, threshold)
 
 
@@ -572,14 +571,14 @@ def _fused_prox_adam(
         _eager_prox_adam(
             "loop", *pick, grad_scale, found_inf, lr=lr, has_complex=has_complex, **kwargs
         )  # type: ignore[arg-type]
-        keep = [i for i in range(len(params)) if i not in set(cplx)]
+        eager = set(cplx)
+        keep = [i for i in range(len(params)) if i not in eager]
         rest = [[lst[i] for i in keep] if lst else [] for lst in lists]
         if not rest[0]:
             return
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = rest
     tensorlists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
     for (device, _), ((dps, dgs, dms, dvs, dvmaxs, dsteps), _) in group_tensors(tensorlists):  # type: ignore[arg-type]
-        dlr = lr.to(device) if isinstance(lr, Tensor) and lr.device != device else lr
         fused_prox_adam_(
             dps,
             dgs,
@@ -587,9 +586,9 @@ def _fused_prox_adam(
             dvs,
             dvmaxs if amsgrad else None,
             dsteps,
-            lr=dlr,
-            grad_scale=None if grad_scale is None else grad_scale.to(device),
-            found_inf=None if found_inf is None else found_inf.to(device),
+            lr=on_device(lr, device),
+            grad_scale=on_device(grad_scale, device),
+            found_inf=on_device(found_inf, device),
             **kwargs,
         )
 

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 __all__ = [
     "Impl",
+    "on_device",
     "ProxOptimizer",
     "resolve_impl",
     "validate_betas",
@@ -171,6 +172,11 @@ def resolve_impl(
     return "foreach" if use_foreach else "loop"
 
 
+def on_device(value: Any, device: torch.device) -> Any:
+    """``value`` on ``device`` if it is a tensor (lr, grad_scale, found_inf); floats and None as they are."""
+    return value.to(device) if isinstance(value, Tensor) else value
+
+
 # --- AMP on the eager paths ---------------------------------------------------------------------
 
 
@@ -205,9 +211,7 @@ class ProxOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._validate_group(defaults)
         super().__init__(params, defaults)
-        if defaults.get("fused"):
-            if defaults.get("foreach"):
-                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if defaults.get("fused"):  # (fused with foreach was rejected by _validate_group)
             # GradScaler hands grad_scale/found_inf to step() instead of syncing on the host.
             self._step_supports_amp_scaling = True
 

@@ -16,6 +16,7 @@ from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
     group_tensors,
+    on_device,
     resolve_impl,
     unscale_or_skip,
     validate_flag,
@@ -362,7 +363,8 @@ def _fused_prox_sgd(
     eager = [i for i, p in enumerate(params) if p.dtype not in _FUSED_DTYPES]
     if eager:
         # float64/complex128 and other dtypes the kernels do not store take torch's for-loop
-        keep = [i for i in range(len(params)) if i not in set(eager)]
+        eager_set = set(eager)
+        keep = [i for i in range(len(params)) if i not in eager_set]
         for idx, fn in ((eager, _single_tensor_prox_sgd), (keep, _fused_prox_sgd)):
             if not idx:
                 continue
@@ -391,15 +393,11 @@ def _fused_prox_sgd(
                     dbufs[j] = bufs[i] = torch.empty_like(
                         gs[i], memory_format=torch.preserve_format
                     )
-            if isinstance(lr, Tensor) and lr.device != device:
-                dlr: float | Tensor = lr.to(device)
-            else:
-                dlr = lr
             fused_prox_sgd_(
                 dps,
                 dgs,
                 dbufs if use_momentum else None,  # type: ignore[arg-type]
-                lr=dlr,
+                lr=on_device(lr, device),
                 weight_decay=weight_decay,
                 momentum=momentum,
                 dampening=dampening,
@@ -408,8 +406,8 @@ def _fused_prox_sgd(
                 decoupled_weight_decay=decoupled_weight_decay,
                 l1=l1,
                 is_first_step=first,
-                grad_scale=None if grad_scale is None else grad_scale.to(device),
-                found_inf=None if found_inf is None else found_inf.to(device),
+                grad_scale=on_device(grad_scale, device),
+                found_inf=on_device(found_inf, device),
             )
 
     _for_each_first_step_split(params, grads, momentum_buffer_list, use_momentum, run)
@@ -452,8 +450,7 @@ def _decay_(
     factor = 1 - lr * weight_decay
     if foreach:
         for (device, _), ((dps,), _) in group_tensors([params]):
-            f = factor.to(device) if isinstance(factor, Tensor) else factor
-            torch._foreach_mul_(dps, f)  # type: ignore[arg-type]
+            torch._foreach_mul_(dps, on_device(factor, device))  # type: ignore[arg-type]
     else:
         for p in params:
             p.mul_(factor)
@@ -464,7 +461,7 @@ def _prox_l1_(params: list[Tensor], lr: float | Tensor, l1: float, *, foreach: b
     real = [p for p in params if not p.is_complex()]
     for p in params:
         if p.is_complex():
-            soft_threshold_(p, _on(threshold, p.device))
+            soft_threshold_(p, on_device(threshold, p.device))
     if foreach and real and not isinstance(threshold, Tensor):
         for (device, dtype), ((dps,), _) in group_tensors([real]):  # type: ignore[list-item]
             if device.type == "cpu" and _softshrink_is_prox(dtype):
@@ -478,7 +475,7 @@ def _prox_l1_(params: list[Tensor], lr: float | Tensor, l1: float, *, foreach: b
             torch._foreach_sub_(dps, clamped)  # type: ignore[arg-type]
     else:
         for p in real:
-            soft_threshold_(p, _on(threshold, p.device))
+            soft_threshold_(p, on_device(threshold, p.device))
 
 
 # aten's softshrink with an ``out=`` argument (the public functional API has none)
@@ -507,7 +504,3 @@ def _softshrink_is_prox(dtype: torch.dtype) -> bool:
     return bool(
         torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(), ref.nan_to_num())
     )
-
-
-def _on(value: float | Tensor, device: torch.device) -> float | Tensor:
-    return value.to(device) if isinstance(value, Tensor) else value
