@@ -15,7 +15,9 @@ with the system C++ compiler and loaded with :mod:`ctypes`:
 
 Float32, bfloat16 and float16 storage, float32 math. With the regularizers torch's fused kernels
 also have (coupled L2, no L1), float32 results are bitwise those of ``torch._fused_sgd_`` /
-``torch._fused_adam_`` / ``torch._fused_adamw_``. Like torch's fused kernels, a ``grad_scale``
+``torch._fused_adam_`` / ``torch._fused_adamw_`` on the CPU capability torch dispatches to
+(``regoptim._capability``: its vector width and whether its build has FMA). Like torch's fused
+kernels, a ``grad_scale``
 unscales the gradients in place.
 """
 
@@ -37,6 +39,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from regoptim._capability import torch_kernel_numerics
+
 __all__ = [
     "available",
     "build_count",
@@ -47,7 +51,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 
 # Flags shared with fused_cpu.cpp (keep in sync).
 _MAXIMIZE = 1
@@ -58,6 +62,7 @@ _MOMENTUM = 16
 _FIRST_STEP = 32
 _NESTEROV = 64
 _AMSGRAD = 128
+_NO_FMA = 256  # torch's fused kernels on this capability round a*b+c twice
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _REAL_OF_COMPLEX = {torch.complex64: torch.float32}
@@ -427,23 +432,6 @@ def _validate(lists: list[list[Tensor]], dtype: torch.dtype) -> None:
                 )
 
 
-_tail_width: int | None = None
-
-
-def _torch_tail_width() -> int:
-    """Vector width (float32 lanes) of torch's CPU kernels: the last ``numel % width`` elements
-    of each tensor go through torch's scalar loop, whose float32 rounding the kernel mirrors
-    there (0: no mirroring)."""
-    global _tail_width
-    if _tail_width is None:
-        try:
-            cap = torch.backends.cpu.get_cpu_capability()
-        except (AttributeError, RuntimeError):  # pragma: no cover
-            cap = ""
-        _tail_width = {"AVX512": 16, "AVX2": 8}.get(cap, 0)
-    return _tail_width
-
-
 def _scalar(x: float | Tensor) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
@@ -519,6 +507,9 @@ def fused_prox_sgd_(
         if nesterov:
             flags |= _NESTEROV
     decay = 1.0 - lr_f * weight_decay if (weight_decay != 0.0 and decoupled_weight_decay) else 1.0
+    numerics = torch_kernel_numerics()
+    if not numerics.fma:
+        flags |= _NO_FMA
 
     prep = _prepare("sgd", lists, [True, grad_scale is not None, True], params[0].dtype, len(lists))
     rows = prep.table.rows
@@ -538,7 +529,7 @@ def fused_prox_sgd_(
         _scalar(grad_scale) if grad_scale is not None else 1.0,
         flags,
         torch.get_num_threads(),
-        _torch_tail_width(),
+        numerics.vector_width,
     )
     prep.finish()
     if complex_l1:
@@ -602,6 +593,9 @@ def fused_prox_adam_(
     if amsgrad:
         flags |= _AMSGRAD
     decay = 1.0 - lr_f * weight_decay if (weight_decay != 0.0 and decoupled_weight_decay) else 1.0
+    numerics = torch_kernel_numerics()
+    if not numerics.fma:
+        flags |= _NO_FMA
 
     written = [True, grad_scale is not None, True, True, True][:n_shaped] + [True]
     prep = _prepare("adam", lists, written, params[0].dtype, n_shaped)
@@ -626,7 +620,7 @@ def fused_prox_adam_(
         _scalar(grad_scale) if grad_scale is not None else 1.0,
         flags,
         torch.get_num_threads(),
-        _torch_tail_width(),
+        numerics.vector_width,
     )
     prep.finish()
 

@@ -34,6 +34,7 @@ from tests._stack_helpers import (
     make_model,
     on_path,
     params_of,
+    skip_unless_torch_parity_verified,
 )
 
 BATCHES = make_batches(6)
@@ -166,6 +167,7 @@ def test_torch_fused_checkpoint_loads_into_regoptim(cls: type, kwargs: dict[str,
     path = FUSED_PATHS[0]
     if path.marks:
         pytest.skip(path.marks[0].kwargs["reason"])
+    skip_unless_torch_parity_verified()
     with on_path(path.values[0]):
         got, expected, dst_opt, _ = _continue_from(COUNTERPART[cls], cls, {**kwargs, "fused": True})
     assert dst_opt.param_groups[0]["fused"] is True

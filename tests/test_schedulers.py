@@ -28,6 +28,7 @@ from tests._stack_helpers import (
     make_model,
     on_path,
     params_of,
+    skip_unless_torch_parity_verified,
     torch_kwargs,
 )
 from tests.tolerances import assert_close_to_ref
@@ -134,6 +135,8 @@ def test_scheduler_matches_torch_fused(
     """regoptim's default CPU path (torch's fused CPU kernel plus a pass that l1=0 skips) and its
     own fused C++ kernel, both against torch's fused CPU optimizer: bitwise."""
     cls, kwargs = OPTIMIZERS[opt_name]
+    if path.get("fused"):
+        skip_unless_torch_parity_verified()
     lr = torch.tensor(1e-2) if lr_kind == "tensor" else 1e-2
     with on_path(path) as path_kwargs:
         _compare(cls, {"lr": lr, **kwargs}, sched_name, path_kwargs)

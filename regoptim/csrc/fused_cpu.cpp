@@ -11,8 +11,10 @@
 // FusedSGDKernel.cpp, FusedAdamKernel.cpp), and FMAs are written out explicitly (std::fma) where
 // torch's compiled kernels have them -- in its vector loops, and, contracted differently, in its
 // scalar tails (the last numel % vector-width elements of each tensor) -- so that with the
-// regularizers torch also has (coupled L2, no L1) the float32 result is bitwise torch's on
-// AVX2/AVX512 builds. The file must be compiled with -ffp-contract=off (no implicit FMA) and
+// regularizers torch also has (coupled L2, no L1) the float32 result is bitwise torch's. Which
+// build of torch's kernel runs depends on the CPU capability torch dispatches to: the caller
+// passes its vector width (tail_width) and, for a build without FMA (x86 DEFAULT), kNoFma, which
+// turns every explicit FMA into a*b + c with two roundings (regoptim/_capability.py). The file must be compiled with -ffp-contract=off (no implicit FMA) and
 // without -ffast-math; -fno-math-errno / -fno-trapping-math change no result.
 //
 // Work split: the elements of all tensors are laid end to end and cut into one contiguous range
@@ -28,7 +30,7 @@
 #include <omp.h>
 #endif
 
-#define REGOPTIM_ABI_VERSION 2
+#define REGOPTIM_ABI_VERSION 3
 
 // Element loops are vectorized explicitly (the selects on runtime flags become blends).
 #if defined(_OPENMP) || defined(REGOPTIM_OPENMP_SIMD)
@@ -144,6 +146,7 @@ enum : int {
   kFirstStep = 32,  // SGD: b <- g
   kNesterov = 64,   // SGD
   kAmsgrad = 128,   // Adam
+  kNoFma = 256,     // torch's kernels were built without FMA (x86 DEFAULT): a*b+c, two roundings
 };
 
 enum : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -183,6 +186,16 @@ inline float soft_threshold(float x, float t) {
   return x - c;
 }
 
+// a*b + c as torch's kernel computes it: one rounding (an FMA) where its build has FMA, two
+// roundings where it has none (x86 DEFAULT, no -mfma). FM is kOn (FMA), kOff (no FMA) or kRuntime
+// (fma_mask: all-ones for FMA). -ffp-contract=off keeps a*b+c uncontracted.
+template <int FM>
+inline float madd(uint32_t fma_mask, float a, float b, float c) {
+  if constexpr (FM == kOn) return std::fma(a, b, c);
+  else if constexpr (FM == kOff) return a * b + c;
+  else return select(fma_mask, std::fma(a, b, c), a * b + c);
+}
+
 // ---------------------------------------------------------------------------------------------
 // SGD
 
@@ -195,20 +208,21 @@ struct SgdScalars {
   float decay;      // 1 - lr * wd (decoupled) or 1
   float neg_lr;     // -lr
   float l1_t;       // lr * l1
-  uint32_t max_mask, wd_mask, first_mask, nesterov_mask, l1_mask;  // all-ones where set
+  uint32_t max_mask, wd_mask, first_mask, nesterov_mask, l1_mask, fma_mask;  // all-ones where set
 };
 
 // TAIL: on the last numel % (torch's vector width) elements of a tensor torch's kernel runs its
 // scalar loop, where the compiler contracted the momentum update the other way round:
 // fma(b, mu, g * (1 - dampening)) instead of fma(1 - dampening, g, b * mu).
-template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int TAIL>
+template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int TAIL,
+          int FM>
 void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
               typename S::T* __restrict b, int64_t n, const SgdScalars& sc,
               uint32_t tail_mask) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, mu = sc.mu, damp1 = sc.damp1,
               decay = sc.decay, neg_lr = sc.neg_lr, t = sc.l1_t;
   const uint32_t max_mask = sc.max_mask, wd_mask = sc.wd_mask, first_mask = sc.first_mask,
-                 nesterov_mask = sc.nesterov_mask, l1_mask = sc.l1_mask;
+                 nesterov_mask = sc.nesterov_mask, l1_mask = sc.l1_mask, fm = sc.fma_mask;
   REGOPTIM_SIMD
   for (int64_t i = 0; i < n; ++i) {
     float gv = S::ld(g[i]);
@@ -218,20 +232,20 @@ void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
     }
     gv = pick<MAX>(max_mask, gv * sign, gv);
     float pv = S::ld(p[i]);
-    gv = pick<WD>(wd_mask, std::fma(pv, wd, gv), gv);
+    gv = pick<WD>(wd_mask, madd<FM>(fm, pv, wd, gv), gv);
     if (MOM) {
       float bv = gv;
       if constexpr (FIRST != kOn) {
         const float bo = S::ld(b[i]);
-        const float body = std::fma(damp1, gv, bo * mu);
-        const float tail = pick<TAIL>(tail_mask, std::fma(bo, mu, gv * damp1), body);
+        const float body = madd<FM>(fm, damp1, gv, bo * mu);
+        const float tail = pick<TAIL>(tail_mask, madd<FM>(fm, bo, mu, gv * damp1), body);
         bv = pick<FIRST>(first_mask, gv, tail);
       }
       b[i] = S::st(bv);
-      gv = pick<NEST>(nesterov_mask, std::fma(bv, mu, gv), bv);
+      gv = pick<NEST>(nesterov_mask, madd<FM>(fm, bv, mu, gv), bv);
     }
     pv = pv * decay;
-    pv = std::fma(gv, neg_lr, pv);
+    pv = madd<FM>(fm, gv, neg_lr, pv);
     pv = pick<L1>(l1_mask, soft_threshold(pv, t), pv);
     p[i] = S::st(pv);
   }
@@ -248,18 +262,20 @@ struct AdamScalars {
   float beta2, c2;      // beta2, 1 - beta2
   float eps;
   float lr_l1;          // lr * l1
+  uint32_t fma_mask;    // all-ones unless kNoFma
 };
 
 // TAIL as for SGD: torch's scalar loop contracts v * beta2 + (1 - beta2) * g * g as
 // fma(v, beta2, ...) where its vector loop has fma(..., g, v * beta2).
-template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL>
+template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL, int FM>
 void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
                typename S::T* __restrict m, typename S::T* __restrict v,
                typename S::T* __restrict vmax, int64_t n, const AdamScalars& sc,
                float neg_step_size, float bc2_sqrt, float inv_bc2_sqrt, uint32_t tail_mask) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, decay = sc.decay, lw = sc.lerp_w,
               beta2 = sc.beta2, c2 = sc.c2, eps = sc.eps, lr_l1 = sc.lr_l1;
-  const uint32_t small_mask = sc.small_mask, max_mask = sc.max_mask, wd_mask = sc.wd_mask;
+  const uint32_t small_mask = sc.small_mask, max_mask = sc.max_mask, wd_mask = sc.wd_mask,
+                 fm = sc.fma_mask;
   REGOPTIM_SIMD
   for (int64_t i = 0; i < n; ++i) {
     float gv = S::ld(g[i]);
@@ -269,14 +285,14 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
     }
     gv = pick<MAX>(max_mask, gv * sign, gv);
     float pv = S::ld(p[i]);
-    gv = pick<WD>(wd_mask, std::fma(pv, wd, gv), gv);
+    gv = pick<WD>(wd_mask, madd<FM>(fm, pv, wd, gv), gv);
     pv = pv * decay;
     float mv = S::ld(m[i]);
-    mv = std::fma(lw, gv - mv, pick<SMALL>(small_mask, mv, gv));
+    mv = madd<FM>(fm, lw, gv - mv, pick<SMALL>(small_mask, mv, gv));
     const float vo = S::ld(v[i]);
     const float c2g = c2 * gv;
-    const float body = std::fma(c2g, gv, vo * beta2);
-    float vv = pick<TAIL>(tail_mask, std::fma(vo, beta2, c2g * gv), body);
+    const float body = madd<FM>(fm, c2g, gv, vo * beta2);
+    float vv = pick<TAIL>(tail_mask, madd<FM>(fm, vo, beta2, c2g * gv), body);
     m[i] = S::st(mv);
     v[i] = S::st(vv);
     if (AMS) {
@@ -364,7 +380,7 @@ void run_split(int64_t n, const int64_t* numels, int nthreads, int64_t tail_widt
                  });
 }
 
-template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1>
+template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int FM>
 void sgd_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
              const int64_t* bs, const SgdScalars& sc, int nthreads, int64_t tail_width) {
   using T = typename S::T;
@@ -373,10 +389,11 @@ void sgd_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t*
     return [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
       T* b = MOM ? ptr<T>(bs, k) + off : nullptr;
       if constexpr (lean) {
-        sgd_span<S, SCALE, MOM, MAX, WD, FIRST, NEST, L1, kOff>(
+        sgd_span<S, SCALE, MOM, MAX, WD, FIRST, NEST, L1, kOff, FM>(
             ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc, tail);
       } else {
-        sgd_span<S, SCALE, MOM, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime>(
+        sgd_span<S, SCALE, MOM, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime,
+                 kRuntime>(
             ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc, tail);
       }
     };
@@ -385,7 +402,7 @@ void sgd_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t*
                kernel(std::false_type{}));
 }
 
-template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL>
+template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int FM>
 void adam_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
               const int64_t* ms, const int64_t* vs, const int64_t* vmaxs, const float* neg_ss,
               const float* bc2s, const AdamScalars& sc, int nthreads, int64_t tail_width) {
@@ -396,11 +413,11 @@ void adam_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t
     return [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
       T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
       if constexpr (lean) {
-        adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff>(
+        adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff, FM>(
             ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
             ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail);
       } else {
-        adam_span<S, SCALE, AMS, L1, kRuntime, kRuntime, kRuntime, kRuntime>(
+        adam_span<S, SCALE, AMS, L1, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime>(
             ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
             ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail);
       }
@@ -421,12 +438,12 @@ void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps
   constexpr int R = kRuntime;
   const bool scale = (flags & kHasScale) != 0, mom = (flags & kMomentum) != 0;
   const bool lean = !std::is_same<S, F16>::value &&
-                    !(flags & (kHasScale | kMaximize | kFirstStep | kNesterov));
+                    !(flags & (kHasScale | kMaximize | kFirstStep | kNesterov | kNoFma));
   if (lean) {
     const int key = (mom ? 4 : 0) | ((flags & kCoupledWd) ? 2 : 0) | ((flags & kL1) ? 1 : 0);
 #define REGOPTIM_SGD_LEAN(K)                                                                   \
   case K:                                                                                      \
-    sgd_run<S, false, (K & 4) != 0, kOff, (K & 2) ? kOn : kOff, kOff, kOff, (K & 1) ? kOn : kOff>( \
+    sgd_run<S, false, (K & 4) != 0, kOff, (K & 2) ? kOn : kOff, kOff, kOff, (K & 1) ? kOn : kOff, kOn>( \
         n, numels, ps, gs, bs, sc, nthreads, tw);                                              \
     return;
     switch (key) {
@@ -436,10 +453,10 @@ void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps
     }
 #undef REGOPTIM_SGD_LEAN
   }
-  if (scale && mom) sgd_run<S, true, true, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else if (scale) sgd_run<S, true, false, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else if (mom) sgd_run<S, false, true, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else sgd_run<S, false, false, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  if (scale && mom) sgd_run<S, true, true, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  else if (scale) sgd_run<S, true, false, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  else if (mom) sgd_run<S, false, true, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  else sgd_run<S, false, false, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
 }
 
 template <class S>
@@ -448,13 +465,13 @@ void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* p
                    const int64_t* vmaxs, const float* nss, const float* b2s,
                    const AdamScalars& sc, int nthreads, int64_t tw) {
   constexpr int R = kRuntime;
-  const bool lean = !std::is_same<S, F16>::value && !(flags & (kHasScale | kMaximize | kAmsgrad)) &&
+  const bool lean = !std::is_same<S, F16>::value && !(flags & (kHasScale | kMaximize | kAmsgrad | kNoFma)) &&
                     sc.small_mask != 0;
   if (lean) {
     const int key = ((flags & kCoupledWd) ? 2 : 0) | ((flags & kL1) ? 1 : 0);
 #define REGOPTIM_ADAM_LEAN(K)                                                              \
   case K:                                                                                  \
-    adam_run<S, false, false, (K & 1) != 0, kOff, (K & 2) ? kOn : kOff, kOn>(              \
+    adam_run<S, false, false, (K & 1) != 0, kOff, (K & 2) ? kOn : kOff, kOn, kOn>(              \
         n, numels, ps, gs, ms, vs, vmaxs, nss, b2s, sc, nthreads, tw);                     \
     return;
     switch (key) {
@@ -467,7 +484,7 @@ void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* p
                   ((flags & kL1) ? 1 : 0);
 #define REGOPTIM_ADAM_CASE(K)                                                              \
   case K:                                                                                  \
-    adam_run<S, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R>(                        \
+    adam_run<S, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R, R>(                        \
         n, numels, ps, gs, ms, vs, vmaxs, nss, b2s, sc, nthreads, tw);                     \
     break;
   switch (key) {
@@ -514,6 +531,7 @@ int regoptim_sgd(int dtype, int64_t n, const int64_t* numels, const int64_t* par
   sc.first_mask = mask(kFirstStep);
   sc.nesterov_mask = mask(kNesterov);
   sc.l1_mask = mask(kL1);
+  sc.fma_mask = ~mask(kNoFma);
   const int64_t tw = tail_width;
   switch (dtype) {
     case kFloat32: sgd_dispatch<F32>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
@@ -547,6 +565,7 @@ int regoptim_adam(int dtype, int64_t n, const int64_t* numels, const int64_t* pa
   sc.c2 = static_cast<float>(1.0 - beta2);
   sc.eps = static_cast<float>(eps);
   sc.lr_l1 = static_cast<float>(lr_l1);
+  sc.fma_mask = (flags & kNoFma) ? 0u : 0xFFFFFFFFu;
 
   // Per-tensor bias corrections, in double as torch (step counters may differ per tensor).
   std::vector<float> neg_ss(static_cast<size_t>(n)), bc2s(2 * static_cast<size_t>(n));
