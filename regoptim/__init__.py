@@ -13,6 +13,7 @@ from regoptim.prox import soft_threshold, soft_threshold_
 from regoptim.schedules import ParamGroupSchedule, schedule
 from regoptim.sgd import ProxSGD
 from regoptim.sparsity import SparsityReport, SparsityRow, sparsity
+from regoptim.sparsity_target import SparsityTarget, count_zero_groups
 
 __all__ = [
     "ProxAdam",
@@ -21,6 +22,8 @@ __all__ = [
     "ProxSGD",
     "SparsityReport",
     "SparsityRow",
+    "SparsityTarget",
+    "count_zero_groups",
     "l1_penalty",
     "l2_penalty",
     "param_groups",

@@ -1,8 +1,8 @@
 """Schedules for the regularization strengths: any torch LR scheduler on ``l1``, ``weight_decay``, ...
 
 :func:`schedule` runs an unmodified ``torch.optim.lr_scheduler`` class on one param-group key
-instead of ``lr``; :class:`SparsityTarget` steers a strength so that the fraction of exact zeros
-follows a ramp to a target. Both follow torch's LR-scheduler protocol: ``step()`` after
+instead of ``lr`` (:class:`regoptim.SparsityTarget`, in ``sparsity_target.py``, steers a strength to
+a fraction of zeros instead). Both follow torch's LR-scheduler protocol: ``step()`` after
 ``optimizer.step()``, ``state_dict()`` / ``load_state_dict()``. They are clients of the optimizers
 (they only read and write ``param_groups``) and work with any ``torch.optim.Optimizer``.
 """
