@@ -212,6 +212,9 @@ def schedule(
             it is given: ``lambda o: SequentialLR(o, [LinearLR(o, ...), CosineAnnealingLR(o,
             ...)], milestones=[10])`` (build the children on ``o``). ``ReduceLROnPlateau`` works
             (``step(metrics)``); CyclicLR and OneCycleLR need ``cycle_momentum=False``.
+            Schedulers that set absolute values (OneCycleLR's and CyclicLR's ``max_lr``,
+            ``base_lr``) set them in every group, as they do for ``lr``: give a list with ``0.0``
+            for the groups that must stay unregularized (``param_groups``' exempt group).
         *args, **kwargs: the scheduler's own arguments after the optimizer.
 
     Returns:

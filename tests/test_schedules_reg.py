@@ -162,6 +162,28 @@ def test_lr_scheduler_and_l1_schedule_coexist() -> None:
         assert lr_sched.get_last_lr() == ref_lr.get_last_lr()
 
 
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (S.OneCycleLR, {"max_lr": [4e-3, 0.0], "total_steps": 20, "cycle_momentum": False}),
+        (S.CyclicLR, {"base_lr": [1e-4, 0.0], "max_lr": [5e-3, 0.0], "cycle_momentum": False}),
+        (S.CosineAnnealingLR, {"T_max": 5}),
+    ],
+)
+def test_exempt_group_stays_at_zero(cls: type, kwargs: dict) -> None:
+    """A multiplicative schedule keeps 0 at 0; absolute ones (max_lr) need 0.0 for that group."""
+    model = torch.nn.Linear(4, 3)
+    opt = regoptim.ProxSGD(regoptim.param_groups(model, l1=1e-3), lr=0.1)  # bias: l1=0
+    sched = regoptim.schedule(opt, "l1", cls, **kwargs)
+    regularized = set()
+    for _ in range(N_STEPS):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[1]["l1"] == 0.0
+        regularized.add(opt.param_groups[0]["l1"])
+    assert len(regularized) > 1  # the regularized group was scheduled
+
+
 @pytest.mark.parametrize("name", ["CosineAnnealingLR", "OneCycleLR", "SequentialLR", "LambdaLR"])
 def test_resume_from_state_dicts_gives_the_same_values(name: str) -> None:
     make, args, kwargs = CASES[name]
