@@ -89,6 +89,8 @@ class SparsityTarget:
 
         value <- clamp(value * exp(gain * every * (s_t - measured)), min_value, max_value)
 
+    (computed in log space; a value set to 0 by hand starts again from ``min_value``)
+
     (an integral controller on log-strength: too few zeros -> stronger, too many -> weaker). The
     regularized groups are those whose ``key`` is ``> 0`` when this is created; each starts from
     its own value and keeps its ratio to the others (until a bound is hit). The value is read back
@@ -162,6 +164,8 @@ class SparsityTarget:
             raise ValueError(f"{where}: gain must be a finite number > 0, got {gain!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"{where}: every must be an int >= 1, got {every!r}")
+        if not isinstance(key, str):
+            raise TypeError(f"{where}: key must be a param-group key (a str), got {key!r}")
         if key == "lr":
             raise ValueError(f"{where}: key 'lr' is the learning rate; steer a regularizer")
         starts: dict[int, float] = {}
@@ -239,10 +243,12 @@ class SparsityTarget:
             return
         fraction = self.measure()
         self.last_fraction = fraction
-        factor = math.exp(self.gain * self.every * (self.ramp(self.step_count) - fraction))
-        for i in self.groups:
+        move = self.gain * self.every * (self.ramp(self.step_count) - fraction)
+        lo, hi = math.log(self.min_value), math.log(self.max_value)
+        for i in self.groups:  # in log space: no overflow, and a 0 set by hand restarts at lo
             group = self.optimizer.param_groups[i]
-            group[self.key] = min(max(group[self.key] * factor, self.min_value), self.max_value)
+            log_value = math.log(max(group[self.key], self.min_value)) + move
+            group[self.key] = math.exp(min(max(log_value, lo), hi))
 
     def get_last_values(self) -> list[float]:
         """The current strength of each regularized group (in ``groups`` order)."""

@@ -99,11 +99,11 @@ def test_controller_update_rule_bounds_and_every() -> None:
     target.step()  # step 2: measured 0.0, wanted ramp(2)
     factor = math.exp(3.0 * 2 * target.ramp(2))
     assert target.last_fraction == 0.0
-    assert target.get_last_values() == [1e-3 * factor, 4e-3 * factor]
+    assert target.get_last_values() == pytest.approx([1e-3 * factor, 4e-3 * factor], rel=1e-12)
     assert opt.param_groups[2]["l1"] == 0.0  # the exempt group is left alone
     for _ in range(40):
         target.step()
-    assert target.get_last_values() == [4e-3 * 1e4] * 2  # clamped at max_value
+    assert target.get_last_values() == pytest.approx([4e-3 * 1e4] * 2, rel=1e-12)  # max_value
 
     opt.param_groups[0]["l1"] = opt.param_groups[1]["l1"] = 1e-3
     with torch.no_grad():
@@ -111,10 +111,14 @@ def test_controller_update_rule_bounds_and_every() -> None:
             p.zero_()  # too many zeros: the strength falls, down to min_value
     low = regoptim.SparsityTarget(opt, 0.5, total_steps=10, min_value=1e-5)
     low.step()
-    assert low.get_last_values() == [1e-3 * math.exp(2.0 * (low.ramp(1) - 1.0))] * 2
+    expected = 1e-3 * math.exp(2.0 * (low.ramp(1) - 1.0))
+    assert low.get_last_values() == pytest.approx([expected] * 2, rel=1e-12)
     for _ in range(10):
         low.step()
-    assert low.get_last_values() == [1e-5, 1e-5]
+    assert low.get_last_values() == pytest.approx([1e-5, 1e-5], rel=1e-12)
+    opt.param_groups[0]["l1"] = 0.0  # set by hand: the controller goes on from min_value
+    low.step()
+    assert opt.param_groups[0]["l1"] == pytest.approx(1e-5, rel=1e-12)
 
 
 @pytest.fixture
@@ -233,6 +237,7 @@ def test_group_l1_steers_the_fraction_of_zero_groups(one_thread: None) -> None:
         ({"key": "lr"}, ValueError, "key 'lr' is the learning rate"),
         ({"key": "weight_decay"}, ValueError, "no param group has weight_decay > 0"),
         ({"min_value": 1.0, "max_value": 0.5}, ValueError, "min_value=1.0, max_value=0.5"),
+        ({"key": 3}, TypeError, "key must be a param-group key \\(a str\\), got 3"),
         ({"key": "nesterov"}, TypeError, "\\['nesterov'\\] must be a float, got False"),
     ],
 )
