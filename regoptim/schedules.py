@@ -131,7 +131,7 @@ class ParamGroupSchedule:
         else:
             self.scheduler.step()
 
-    def get_last_values(self) -> list[float | Tensor]:
+    def get_last_values(self) -> list[float]:
         """The values of ``key`` this schedule set last, one per param group (as ``get_last_lr``)."""
         return list(self.scheduler.get_last_lr())
 
