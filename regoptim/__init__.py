@@ -10,18 +10,24 @@ from regoptim.adam import ProxAdam, ProxAdamW
 from regoptim.groups import param_groups
 from regoptim.penalties import l1_penalty, l2_penalty
 from regoptim.prox import soft_threshold, soft_threshold_
+from regoptim.schedules import ParamGroupSchedule, schedule
 from regoptim.sgd import ProxSGD
 from regoptim.sparsity import SparsityReport, SparsityRow, sparsity
+from regoptim.sparsity_target import SparsityTarget, count_zero_groups
 
 __all__ = [
     "ProxAdam",
     "ProxAdamW",
+    "ParamGroupSchedule",
     "ProxSGD",
     "SparsityReport",
     "SparsityRow",
+    "SparsityTarget",
+    "count_zero_groups",
     "l1_penalty",
     "l2_penalty",
     "param_groups",
+    "schedule",
     "soft_threshold",
     "soft_threshold_",
     "sparsity",
