@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from regoptim import _cpu_build as cb
 from regoptim import _cpu_fused as cf
 from regoptim import reference as ref
 
@@ -378,7 +379,7 @@ def test_no_rebuild_over_100_steps_under_a_scheduler(monkeypatch):
     ]
     cf.load()
     builds = cf.build_count()
-    lib = cf._lib
+    lib = cb._lib
     for opt in opts:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
         for step in range(100):
@@ -392,7 +393,7 @@ def test_no_rebuild_over_100_steps_under_a_scheduler(monkeypatch):
             sched.step()
         assert opt.param_groups[0]["lr"] != sched.base_lrs[0]
     assert cf.build_count() == builds
-    assert cf._lib is lib
+    assert cb._lib is lib
     assert all(torch.isfinite(p).all() for p in params)
     assert all(opts[1].state[p]["step"].item() == 100 for p in params)
 
@@ -441,8 +442,8 @@ def test_fresh_cache_builds_once_then_loads(tmp_path):
 
 
 def test_no_compiler_message(monkeypatch):
-    monkeypatch.setattr(cf, "_lib", None)
-    monkeypatch.setattr(cf, "_compiler", lambda: None)
+    monkeypatch.setattr(cb, "_lib", None)
+    monkeypatch.setattr(cb, "_compiler", lambda: None)
     msg = cf.available()
     assert msg is not None and "C++ compiler" in msg
     with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
