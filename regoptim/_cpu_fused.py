@@ -7,9 +7,10 @@ with the system C++ compiler and loaded with :mod:`ctypes`:
 * build cost does not depend on the model: the entry points take tables of data pointers and
   numels for the whole group, and every hyperparameter (lr, weight decay, l1, betas, ...) is a
   runtime scalar, so a scheduler or a hand-edited ``param_group`` never triggers a rebuild;
-* the shared object is cached on disk, keyed by a hash of the source, the compiler and its flags
-  and the host CPU, in ``$REGOPTIM_CACHE_DIR`` (else ``$XDG_CACHE_HOME/regoptim``, else
-  ``~/.cache/regoptim``); a second process loads it in milliseconds;
+* the shared object is cached on disk, keyed by a hash of the source, its flags and the host CPU,
+  in ``$REGOPTIM_CACHE_DIR`` (else ``$XDG_CACHE_HOME/regoptim``, else ``~/.cache/regoptim``); a
+  second process loads it in milliseconds, even without a compiler (:mod:`regoptim._cpu_build`:
+  the fallback directories, the ownership and checksum checks made before loading, the timeout);
 * the work of all tensors is split evenly over ``torch.get_num_threads()`` OpenMP threads, so many
   small tensors cost no more than a few large ones.
 
