@@ -232,7 +232,7 @@ def _compile(cxx: str, flags: list[str], out_dir: Path, stem: str, timeout: floa
                 f"{res.stderr.strip()}"
             )
         _build_count += 1
-        os.chmod(tmp, 0o755)  # the linker's mode follows the umask (0775 under umask 002)
+        os.chmod(tmp, 0o755)  # a linker that recreates its output follows the umask (002: 0775)
         fsync(tmp)
         data = Path(tmp).read_bytes()
         target = out_dir / f"{stem}.so"

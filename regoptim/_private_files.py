@@ -80,6 +80,8 @@ def read_private(path: Path) -> bytes | None:
 
 def fsync(path: str | Path, directory: bool = False) -> None:
     """Flush ``path`` (a file, or with ``directory=True`` a directory's entries) to disk."""
+    if directory and os.name != "posix":  # pragma: no cover - a directory cannot be opened
+        return
     fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
     try:
         os.fsync(fd)

@@ -30,7 +30,8 @@ needs_cxx = pytest.mark.skipif(REAL_CXX is None, reason="needs a C++ compiler")
 posix_only = pytest.mark.skipif(os.name != "posix", reason="uid and mode bits")
 
 _CHILD = """
-import torch
+import os, torch
+os.umask(0o002)  # common for users with their own group: the linker's output is then 0775
 from regoptim import _cpu_fused as cf
 print(cf.available())
 p = [torch.randn(100)]
@@ -169,6 +170,29 @@ def test_group_writable_file_is_not_loaded(fresh, failing_cxx):
 
 
 @posix_only
+def test_symlinked_file_is_not_followed(fresh, failing_cxx):
+    cache = _private(fresh.root / "cache")
+    elsewhere = _private(fresh.root / "elsewhere")
+    for flags in cb._FLAG_SETS:
+        stem = cb._entry_name(flags)
+        (cache / f"{stem}.so").symlink_to(_plant(elsewhere, stem))
+        shutil.copy(elsewhere / f"{stem}.json", cache)
+    with pytest.raises(RuntimeError, match="compiling the fused CPU kernel failed"):
+        cb.load()
+    assert fresh.loaded == []
+
+
+@posix_only
+def test_verified_entry_that_fails_to_load_is_rebuilt(fresh, failing_cxx):
+    cache = _private(fresh.root / "cache")
+    planted = _plant(cache, cb._entry_name(cb._FLAG_SETS[0]))  # ours, intact, not a library
+    with pytest.raises(RuntimeError, match="compiling the fused CPU kernel failed"):
+        cb.load()
+    assert fresh.loaded == [str(planted)]
+    assert set(_outputs(failing_cxx)) == {cache}  # rebuilt in place (with each flag set)
+
+
+@posix_only
 def test_directory_of_another_user_is_not_used(fresh, failing_cxx, monkeypatch):
     cache = _private(fresh.root / "cache")
     planted = [_plant(cache, cb._entry_name(flags)) for flags in cb._FLAG_SETS]
@@ -229,12 +253,13 @@ def test_damaged_cache_entry_is_rebuilt(built, tmp_path, damage):
     else:
         data[len(data) // 2] ^= 0xFF
     so.write_bytes(bytes(data))
-    # "builds" by copying the real build (a real compile costs seconds); --version as the real one
+    # "builds" by copying the real build (a real compile costs seconds), recreating its output as
+    # some linkers do (mode 0664 under the child's umask 002); --version as the real one
     cxx = _script(
         tmp_path / "copy-cxx",
         f'[ "$1" = --version ] && exec {REAL_CXX} --version\n'
         'while [ $# -gt 1 ]; do [ "$1" = -o ] && out="$2"; shift; done\n'
-        f'cp {good} "$out"\n',
+        f'rm -f "$out" && cat {good} > "$out"\n',
     )
     _, source, count = _child(cache, tmp_path / "tmp", CXX=str(cxx))
     assert (source, count) == ("compiled", 1)
