@@ -4,7 +4,7 @@ Compiled at first use with the system C++ compiler, cached on disk, loaded with 
 :mod:`regoptim._cpu_fused` calls :func:`load` and re-exports the public helpers.
 
 The cache is keyed by a hash of the source, the flags and the host CPU (not the compiler, so a
-cached build loads on a machine without one) and lives in ``$REGOPTIM_CACHE_DIR``, else
+cached build loads on a machine without one; delete the entry to rebuild with another) and lives in ``$REGOPTIM_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/regoptim``, else ``~/.cache/regoptim``; when that cannot be used, in
 ``<tempdir>/regoptim-<uid>``; when neither is safe, a fresh private temporary directory (a build
 per process). A shared object runs code in this process as soon as it is loaded, so:
@@ -16,6 +16,8 @@ per process). A shared object runs code in this process as soon as it is loaded,
   entry (a crash while writing, a full disk) is rebuilt instead of crashing the process;
 * a build is written to a temporary file in the same directory, fsynced and renamed into place,
   then its record likewise, so a process that has the old file mapped keeps a valid one.
+
+The file is checked, then loaded by its path: in between, only this user could replace it.
 
 The compiler runs under a timeout (``$REGOPTIM_BUILD_TIMEOUT`` seconds, default 300).
 """
