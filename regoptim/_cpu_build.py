@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import importlib.machinery
 import json
 import os
 import platform
@@ -54,22 +55,13 @@ __all__ = ["available", "build_count", "build_info", "load"]
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
 _ABI_VERSION = 3
 
-# Without -ffast-math (it would change results); -ffp-contract=off keeps every FMA explicit in the
-# source; -fno-math-errno / -fno-trapping-math change no result but let sqrt and selects vectorize.
-_BASE_FLAGS = [
-    "-O2",
-    "-fno-unswitch-loops",  # the element loops are `omp simd` with blends; halves the build
-    "-std=c++17",
-    "-shared",
-    "-fPIC",
-    "-ffp-contract=off",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-]
+# The kernel's flags, shared with setup.py (which builds the per-ISA variants at install time).
+_FLAGS = json.loads(_SOURCE.with_name("build_flags.json").read_text())
+_BASE_FLAGS: list[str] = list(_FLAGS["base"])
 if sys.platform == "win32":  # pragma: no cover
     _BASE_FLAGS.remove("-fPIC")
-_NATIVE_FLAGS = ["-march=native"]
-_OPENMP_FLAGS = ["-fopenmp"]
+_NATIVE_FLAGS: list[str] = list(_FLAGS["native"])
+_OPENMP_FLAGS: list[str] = list(_FLAGS["openmp"])
 _FLAG_SETS = [
     _BASE_FLAGS + _NATIVE_FLAGS + _OPENMP_FLAGS,
     _BASE_FLAGS + _NATIVE_FLAGS,  # compilers without OpenMP (e.g. Apple clang)
@@ -267,7 +259,55 @@ def _build_dirs() -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Load
+# Load: the variant built at install time, else a cached or compiled build
+
+
+def _arch() -> str | None:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}.get(
+        machine
+    )
+
+
+def prebuilt_variant() -> str | None:
+    """The install-time variant for this CPU: chosen from the capability torch reports (which
+    never exceeds what the CPU supports, and honours ``ATEN_CPU_CAPABILITY``)."""
+    arch = _arch()
+    if arch is None:
+        return None
+    if arch == "x86_64":
+        import torch
+
+        cap = torch.backends.cpu.get_cpu_capability()
+        return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "baseline")
+    return "baseline"
+
+
+def prebuilt_path() -> Path | None:
+    """The installed build of :func:`prebuilt_variant`, if the install made one
+    (``REGOPTIM_NO_PREBUILT=1``: ignore it)."""
+    variant = prebuilt_variant()
+    if variant is None or os.environ.get("REGOPTIM_NO_PREBUILT") == "1":
+        return None
+    return prebuilt_path_for(variant)
+
+
+def prebuilt_path_for(variant: str) -> Path | None:
+    """The installed build of ``variant`` ("avx512", "avx2", "baseline"), if there is one."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_fused_cpu_{variant}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_prebuilt() -> ctypes.CDLL | None:
+    path = prebuilt_path()
+    lib = _try_load(path) if path is not None else None
+    if lib is not None:
+        _info.update(source="prebuilt", path=str(path), variant=prebuilt_variant())
+    return lib
 
 
 def _try_load(path: Path) -> ctypes.CDLL | None:
@@ -306,6 +346,9 @@ def _load_cached(flag_sets: list[list[str]]) -> ctypes.CDLL | None:
 
 
 def _load_or_build() -> ctypes.CDLL:
+    lib = _load_prebuilt()
+    if lib is not None:
+        return lib
     cxx = _compiler()
     if cxx is None:  # a cached build needs no compiler
         lib = _load_cached(_FLAG_SETS)
@@ -375,7 +418,7 @@ def available() -> str | None:
     Cheap: checks for a loaded kernel, a C++ compiler, or else a verified cached build; the
     build happens at the first step.
     """
-    if _lib is not None or _compiler() is not None:
+    if _lib is not None or prebuilt_path() is not None or _compiler() is not None:
         return None
     if next(_cached_builds(_FLAG_SETS), None) is not None:
         return None

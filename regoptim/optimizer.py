@@ -6,7 +6,9 @@ The grouping of tensors by device and dtype is torch's own
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -144,7 +146,7 @@ def resolve_impl(
         return "loop"
     # one pass over the tensors (this runs every step, for every tensor of the group)
     plain = cpu = cuda = torch_fused_dtypes = same_strides = True
-    floating = True
+    floating = float32 = True
     for p, g in zip(params, grads, strict=True):
         plain = plain and type(p) in _PLAIN_TENSOR_TYPES
         floating = floating and p.is_floating_point()
@@ -152,6 +154,7 @@ def resolve_impl(
         cpu = cpu and device_type == "cpu"
         cuda = cuda and device_type == "cuda"
         torch_fused_dtypes = torch_fused_dtypes and p.dtype in _TORCH_FUSED_CPU_DTYPES
+        float32 = float32 and p.dtype == torch.float32
         same_strides = same_strides and p.stride() == g.stride()
     if plain and floating and cuda and _triton_fused_default_ok(params):
         return "fused"
@@ -165,11 +168,35 @@ def resolve_impl(
         and same_strides
         and not torch.compiler.is_compiling()
     ):
+        # float32: regoptim's one-pass C++ kernel, built at install time (bitwise torch's fused
+        # kernel when the regularizers are off); without that build, torch's fused kernel plus
+        # the regularizers' extra pass
+        if float32 and _cpu_kernel_installed():
+            return "fused"
         return "torch_fused"
     from torch.optim.optimizer import _default_to_fused_or_foreach
 
     _, use_foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     return "foreach" if use_foreach else "loop"
+
+
+@functools.cache
+def _cpu_kernel_installed() -> bool:
+    """Whether the fused CPU kernel was built at install time for this CPU (checked once; warns
+    once when it was not, since the default CPU path is then the slower eager one)."""
+    from regoptim._cpu_build import prebuilt_path
+
+    if prebuilt_path() is not None:
+        return True
+    warnings.warn(
+        "regoptim: the fused CPU kernel was not built when regoptim was installed (no C++ "
+        "compiler then?), so the default CPU path is torch's fused kernel plus an extra pass for "
+        "the regularizers. Reinstall with a C++ compiler on PATH for the one-pass kernel, or pass "
+        "fused=True to compile it now (cached on disk).",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return False
 
 
 def on_device(value: Any, device: torch.device) -> Any:
