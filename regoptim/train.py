@@ -421,7 +421,9 @@ def compare(
             finals[method.name] = {n: p.detach().clone() for n, p in weights(model)}
     finally:
         bar.close()
-    settings = {"epochs": epochs, "seed": seed, **h, "threads": torch.get_num_threads()}
+    # the arguments last: COMPARE_DEFAULTS also holds an "epochs" (the default) that must not
+    # overwrite the epochs actually run
+    settings = {**h, "epochs": epochs, "seed": seed, "threads": torch.get_num_threads()}
     return CompareResult(rows, initial, finals, settings)
 
 
@@ -544,5 +546,7 @@ def regularization_path(
         bar.close()
     assert best is not None and best_model is not None
     test_acc = accuracy(best_model, data.x_test, data.y_test)
-    settings = {"epochs": epochs, "seed": seed, **h, "threads": torch.get_num_threads()}
+    # the arguments last: COMPARE_DEFAULTS also holds an "epochs" (the default) that must not
+    # overwrite the epochs actually run
+    settings = {**h, "epochs": epochs, "seed": seed, "threads": torch.get_num_threads()}
     return PathResult(reg, points, best, test_acc, settings)

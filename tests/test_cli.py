@@ -190,3 +190,13 @@ def test_help_and_version(capsys):
     assert "compare" in capsys.readouterr().out
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("regoptim ")
+
+
+@pytest.mark.parametrize("command", ["compare", "path"])
+def test_json_records_the_flags_given(command, tmp_path, keep_threads):
+    argv = [command, "--epochs", "2", "--seed", "3", "--threads", "2", "--no-plots"]
+    if command == "path":
+        argv += ["--values", "1e-3"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 0
+    settings = json.loads((tmp_path / f"{command}.json").read_text())["settings"]
+    assert (settings["epochs"], settings["seed"], settings["threads"]) == (2, 3, 2)
