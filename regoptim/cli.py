@@ -4,8 +4,8 @@
 configurations; prints a table and writes plots. ``regoptim path``: sweeps a regularization
 strength, picks it by validation accuracy and scores the test set once. Run ``regoptim -h``.
 
-Usage errors (unknown flags or values, negative strengths, an unwritable output directory) print
-one line on stderr and exit with status 2.
+Usage errors (unknown flags, values out of range, an unwritable output directory, earlier results
+in ``--out`` without ``--overwrite``) print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,14 +33,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+MAX_EPOCHS = 100_000
+MAX_THREADS = 1024  # torch.set_num_threads(100000) segfaults; 1024 is far past any CPU's use
+MAX_SEED = 2**32 - 1  # the range numpy and most tools accept; torch takes it too
+MAX_STRENGTHS = 1000  # --grid N and the number of --values
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]``; argparse names the flag in its message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}")
+        return value
+
+    return parse
 
 
 def _strength(text: str) -> float:
@@ -72,17 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{compare,path}", required=True)
 
     def common(p: argparse.ArgumentParser, out: str, epochs: int) -> None:
-        p.add_argument("--epochs", type=_positive_int, default=epochs, help=f"default {epochs}")
-        p.add_argument("--seed", type=int, default=0, help="init and batch-order seed (0)")
+        p.add_argument(
+            "--epochs",
+            type=_int_in(1, MAX_EPOCHS),
+            default=epochs,
+            help=f"default {epochs}, at most {MAX_EPOCHS}",
+        )
+        p.add_argument(
+            "--seed",
+            type=_int_in(0, MAX_SEED),
+            default=0,
+            help=f"init and batch-order seed in [0, {MAX_SEED}] (default 0)",
+        )
         p.add_argument("--out", default=out, metavar="DIR", help=f"output directory ({out})")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the results of an earlier run in DIR (refused without it)",
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
         p.add_argument("--no-plots", action="store_true", help="write no PNGs")
         p.add_argument(
             "--threads",
-            type=_positive_int,
+            type=_int_in(1, MAX_THREADS),
             default=1,
             help="torch CPU threads (default 1: fastest for this small model, and the results "
-            "then do not depend on the machine's core count)",
+            f"then do not depend on the machine's core count; at most {MAX_THREADS})",
         )
 
     compare = sub.add_parser(
@@ -113,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--values", type=_strength, nargs="+", metavar="V", help="explicit strengths (>= 0)"
     )
     values.add_argument(
-        "--grid", type=_positive_int, metavar="N", help="number of strengths to try (default 7)"
+        "--grid",
+        type=_int_in(1, MAX_STRENGTHS),
+        metavar="N",
+        help=f"number of strengths to try (default 7, at most {MAX_STRENGTHS})",
     )
     path.add_argument(
         "--search",
@@ -133,6 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: every file each command writes to --out (the PNGs unless --no-plots)
+OUTPUTS = {
+    "compare": ("compare.txt", "compare.json", "weights.png", "sparsity.png"),
+    "path": ("path.txt", "path.json", "path.png"),
+}
+
+
+def _check_no_earlier_results(args: argparse.Namespace) -> None:
+    """Refuse to replace an earlier run's results unless ``--overwrite`` says so."""
+    if args.overwrite:
+        return
+    for name in OUTPUTS[args.command]:
+        earlier = Path(args.out) / name
+        if earlier.exists():
+            raise UsageError(
+                f"--out: {str(earlier)!r} holds earlier results; pass --overwrite to replace them"
+            )
+
+
 def _prepare_out(out: str) -> Path:
     path = Path(out)
     try:
@@ -149,6 +197,8 @@ def _strengths(args: argparse.Namespace) -> list[float]:
     if args.values is not None:
         if args.search == "random" or args.range is not None:
             raise UsageError("--values cannot be combined with --search random or --range")
+        if len(args.values) > MAX_STRENGTHS:
+            raise UsageError(f"--values: at most {MAX_STRENGTHS} strengths, got {len(args.values)}")
         return sorted(set(args.values))
     lo, hi = args.range if args.range is not None else DEFAULT_RANGES[args.reg]
     if not 0 < lo < hi:
@@ -264,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "path":
             _strengths(args)  # validate before touching the file system
+        _check_no_earlier_results(args)
         out = _prepare_out(args.out)
         import torch
 

@@ -81,7 +81,7 @@ def test_compare_is_deterministic(tmp_path, keep_threads, capsys):
     runs = []
     for _ in range(2):
         argv = ["compare", "--epochs", "1", "--no-plots", "--no-progress", "--out", str(tmp_path)]
-        assert main(argv) == 0
+        assert main([*argv, "--overwrite"]) == 0
         runs.append(json.loads((tmp_path / "compare.json").read_text()))
     assert capsys.readouterr().err == ""
     for r1, r2 in zip(runs[0]["rows"], runs[1]["rows"], strict=True):
@@ -167,6 +167,83 @@ def test_bad_input_exits_2_with_one_line(argv, capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1, err
     assert "error:" in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "value"),
+    [
+        (["compare", "--threads", "100000"], "--threads", "100000"),
+        (["compare", "--threads", "0"], "--threads", "0"),
+        (["path", "--threads", "1025"], "--threads", "1025"),
+        (["compare", "--seed", str(2**70)], "--seed", str(2**70)),
+        (["compare", "--seed", str(2**32)], "--seed", str(2**32)),
+        (["path", "--seed", "-1"], "--seed", "-1"),
+        (["compare", "--epochs", "100001"], "--epochs", "100001"),
+        (["path", "--epochs", "0"], "--epochs", "0"),
+        (["path", "--grid", str(10**12), "--search", "random"], "--grid", str(10**12)),
+        (["path", "--grid", "1001"], "--grid", "1001"),
+        (["path", "--grid", "0"], "--grid", "0"),
+        (["path", "--values", *["1e-3"] * 1001], "--values", "1001"),
+        (["path", "--values", "inf"], "--values", "inf"),
+        (["path", "--range", "1e-5", "inf"], "--range", "inf"),
+        (["path", "--range", "-1", "1"], "--range", "-1"),
+    ],
+)
+def test_numeric_flags_are_bounded(argv, flag, value, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert flag in err and value in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_limits_are_accepted(capsys):
+    args = build_parser().parse_args(
+        ["path", "--threads", "1024", "--seed", str(2**32 - 1), "--epochs", "100000"]
+    )
+    assert (args.threads, args.seed, args.epochs) == (1024, 2**32 - 1, 100000)
+    assert len(_strengths(_args("--grid", "1000"))) == 1000
+    assert len(_strengths(_args("--values", *[str(i) for i in range(1000)]))) == 1000
+
+
+@pytest.mark.parametrize(
+    ("command", "written"), [("compare", "compare.json"), ("path", "path.json")]
+)
+def test_earlier_results_are_not_overwritten(command, written, capsys, tmp_path, keep_threads):
+    earlier = tmp_path / written
+    earlier.write_text("earlier\n")
+    argv = [command, "--epochs", "1", "--no-plots", "--no-progress", "--out", str(tmp_path)]
+    if command == "path":
+        argv += ["--values", "1e-3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(earlier) in err and "--overwrite" in err
+    assert earlier.read_text() == "earlier\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [written]
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(earlier.read_text())["settings"]["epochs"] == 1
+
+
+def test_a_stale_plot_alone_is_an_earlier_result(capsys, tmp_path):
+    (tmp_path / "path.png").write_bytes(b"")
+    assert main(["path", "--no-plots", "--out", str(tmp_path)]) == 2
+    assert "path.png" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_readme_first_command_on_a_fresh_clone(tmp_path):
+    """README's set-up ends with ``regoptim compare --out runs/compare``: no runs/ there yet."""
+    res = subprocess.run(
+        [sys.executable, "-m", "regoptim", "compare", "--out", "runs/compare", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "runs" / "compare" / "compare.json").exists()
 
 
 def test_unwritable_out_exits_2(tmp_path, capsys):
