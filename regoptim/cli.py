@@ -2,7 +2,8 @@
 
 ``regoptim compare``: one MLP on scikit-learn's digits under seven optimizer/regularization
 configurations; prints a table and writes plots. ``regoptim path``: sweeps a regularization
-strength, picks it by validation accuracy and scores the test set once. Run ``regoptim -h``.
+strength (strongest first, warm-started), picks it by validation accuracy and scores the test set
+once. Run ``regoptim -h``.
 
 Usage errors (unknown flags, values out of range, an unwritable output directory, earlier results
 in ``--out`` without ``--overwrite``) print one line on stderr and exit with status 2.
@@ -124,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     path = sub.add_parser(
         "path",
         help="sweep a strength, pick it by validation accuracy",
-        description="Train ProxSGD across strengths on the train split, report validation "
-        "accuracy and sparsity for each, name the best by validation accuracy and report its "
-        "test accuracy once; write path.png and path.json to DIR.",
+        description="Train ProxSGD along the strengths, strongest first, each from the "
+        "previous solution (warm starts; --cold: each from the initialization), on the train "
+        "split; report validation accuracy, sparsity, the prox-gradient residual on the train "
+        "split and the training time of each, name the best by validation accuracy and report "
+        "its test accuracy once; write path.png and path.json to DIR.",
     )
     path.add_argument(
         "--reg",
@@ -157,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LO", "HI"),
         help="strength range for --grid/--search (default 1e-5 3e-2 for l1, 1e-5 1e-1 for "
         "weight_decay)",
+    )
+    path.add_argument(
+        "--cold",
+        action="store_true",
+        help="start every strength from the initialization (default: warm starts, each "
+        "strength from the previous, stronger one's solution)",
     )
     common(path, "runs/path", 60)
     return parser
@@ -263,17 +272,23 @@ def _run_compare(args: argparse.Namespace, out: Path) -> None:
 
 
 def _run_path(args: argparse.Namespace, out: Path) -> None:
-    from .train import regularization_path
+    from .paths import digits_path
 
     strengths = _strengths(args)
     print(
-        f"ProxSGD {args.reg} path over {len(strengths)} strengths ({args.search}), "
-        f"{args.epochs} epochs, seed {args.seed}, {args.threads} thread(s); "
+        f"ProxSGD {args.reg} path over {len(strengths)} strengths ({args.search}), strongest "
+        f"first, {'cold' if args.cold else 'warm'} starts, {args.epochs} epochs each, "
+        f"seed {args.seed}, {args.threads} thread(s); "
         "train/val/test 60/20/20",
         flush=True,
     )
-    result = regularization_path(
-        strengths, reg=args.reg, epochs=args.epochs, seed=args.seed, progress=not args.no_progress
+    result = digits_path(
+        strengths,
+        reg=args.reg,
+        epochs=args.epochs,
+        seed=args.seed,
+        warm_start=not args.cold,
+        progress=not args.no_progress,
     )
     table = result.table()
     print(table)

@@ -95,12 +95,16 @@ def test_path_end_to_end(tmp_path):
     res = _run("path", "--epochs", "1", "--values", "0", "1e-3", "3e-2", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert "best l1=" in res.stdout and "test accuracy" in res.stdout
+    assert "warm-started, strongest first" in res.stdout
+    assert "residual" in res.stdout and "time (s)" in res.stdout
+    assert "100%" in res.stderr  # tqdm's bar
     data = json.loads((tmp_path / "path.json").read_text())
-    assert [p["strength"] for p in data["points"]] == [0.0, 1e-3, 3e-2]
+    assert [p["strength"] for p in data["points"]] == [3e-2, 1e-3, 0.0]  # strongest first
     best = max(data["points"], key=lambda p: (p["val_accuracy"], p["strength"]))
     assert data["best"] == best
-    assert data["points"][0]["zero_fraction"] == 0.0
-    assert data["points"][2]["zero_fraction"] > data["points"][1]["zero_fraction"]
+    assert data["settings"]["warm_start"] is True
+    assert data["points"][0]["zero_fraction"] > data["points"][1]["zero_fraction"]
+    assert all(p["residual"] > 0 and p["seconds"] > 0 for p in data["points"])
     if _has_matplotlib():
         assert (tmp_path / "path.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -269,11 +273,37 @@ def test_help_and_version(capsys):
     assert capsys.readouterr().out.startswith("regoptim ")
 
 
-@pytest.mark.parametrize("command", ["compare", "path"])
-def test_json_records_the_flags_given(command, tmp_path, keep_threads):
-    argv = [command, "--epochs", "2", "--seed", "3", "--threads", "2", "--no-plots"]
+# 2 threads on a busy 2-core machine made compare 30 s instead of 5 s: path tests --threads
+@pytest.mark.parametrize(("command", "threads"), [("compare", 1), ("path", 2)])
+def test_json_records_the_flags_given(command, threads, tmp_path, keep_threads):
+    argv = [command, "--epochs", "1", "--seed", "3", "--threads", str(threads), "--no-plots"]
     if command == "path":
         argv += ["--values", "1e-3"]
     assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 0
     settings = json.loads((tmp_path / f"{command}.json").read_text())["settings"]
-    assert (settings["epochs"], settings["seed"], settings["threads"]) == (2, 3, 2)
+    assert (settings["epochs"], settings["seed"], settings["threads"]) == (1, 3, threads)
+
+
+def test_cold_path_points_are_independent_runs_and_warm_ones_are_not(keep_threads):
+    """``--cold``: each strength trains as if alone (same init, same batches); warm: from the
+    previous, stronger solution, so the second point differs."""
+    import torch
+
+    from regoptim.paths import digits_path
+    from regoptim.train import load_digits_split
+
+    torch.set_num_threads(1)  # what the command runs with (2 were 5x slower on 2 busy cores)
+    data = load_digits_split()
+
+    def run(strengths, warm_start):
+        result = digits_path(strengths, epochs=1, warm_start=warm_start, progress=False, data=data)
+        return [p.to_dict() for p in result.points]
+
+    alone = run([1e-3], warm_start=True)[0]
+    cold = run([3e-2, 1e-3], warm_start=False)
+    warm = run([3e-2, 1e-3], warm_start=True)
+    assert cold[0] == {**warm[0], "seconds": cold[0]["seconds"]}
+    for key in ("train_accuracy", "val_accuracy", "zero_fraction", "residual"):
+        assert cold[1][key] == alone[key]
+    assert warm[1]["zero_fraction"] != cold[1]["zero_fraction"]
+    assert warm[1]["residual"] != cold[1]["residual"]
