@@ -5,9 +5,9 @@ bundled handwritten digits (1797 8x8 images, shipped with scikit-learn, no downl
 
 * :func:`load_digits_split`: a fixed, stratified 60/20/20 train/validation/test split (the split
   never depends on the training seed, so every run and both commands see the same test set).
-* :func:`train_model`: one deterministic training run (seeded init and batch order).
-* :func:`compare`: the seven-way comparison of ``regoptim compare``.
-* :func:`run_epoch`: one epoch of it (what :mod:`regoptim.paths` calls per epoch).
+* :func:`train_model`: one deterministic training run (seeded init and batch order);
+  :func:`run_epoch`, one epoch of it, is what :mod:`regoptim.paths` calls.
+* :func:`compare`: the seven-way comparison of ``regoptim compare`` (tqdm bar on stderr).
 
 The strength sweep of ``regoptim path`` lives in :mod:`regoptim.paths`.
 
@@ -153,10 +153,7 @@ def run_epoch(
     loss_l1_params: Sequence[Tensor] = (),
     stats: TrainStats | None = None,
 ) -> None:
-    """One pass over ``(x, y)`` in the batch order ``generator`` draws; cross-entropy loss.
-
-    ``stats``, when given, collects the time of each ``optimizer.step()`` and the last loss.
-    """
+    """One pass over ``(x, y)`` in ``generator``'s batch order; ``stats`` gets step times."""
     n = x.shape[0]
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
@@ -396,7 +393,6 @@ def compare(
             finals[method.name] = {n: p.detach().clone() for n, p in weights(model)}
     finally:
         bar.close()
-    # the arguments last: COMPARE_DEFAULTS also holds an "epochs" (the default) that must not
-    # overwrite the epochs actually run
+    # the arguments last: COMPARE_DEFAULTS' "epochs" must not overwrite the epochs run
     settings = {**h, "epochs": epochs, "seed": seed, "threads": torch.get_num_threads()}
     return CompareResult(rows, initial, finals, settings)
