@@ -310,7 +310,7 @@ def _run_path(args: argparse.Namespace, out: Path) -> None:
             best=result.best.strength,
             xlabel=args.reg,
             path=out / "path.png",
-            title=f"ProxSGD {args.reg} path on digits",
+            title=f"ProxSGD {args.reg} path on digits ({'cold' if args.cold else 'warm'} starts)",
         )
         fig.clear()
         written.append(out / "path.png")
