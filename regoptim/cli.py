@@ -38,6 +38,9 @@ MAX_EPOCHS = 100_000
 MAX_THREADS = 1024  # torch.set_num_threads(100000) segfaults; 1024 is far past any CPU's use
 MAX_SEED = 2**32 - 1  # the range numpy and most tools accept; torch takes it too
 MAX_STRENGTHS = 1000  # --grid N and the number of --values
+# at lr 0.1 an l1 of 1e3 zeroes every weight and a weight_decay past 20 diverges; ProxSGD's
+# threshold lr*l1 must also fit in float32 (1e308 raised inside torch's softshrink)
+MAX_STRENGTH = 1e3
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
@@ -60,8 +63,10 @@ def _strength(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"strengths must be finite and >= 0, got {text!r}")
+    if not 0 <= value <= MAX_STRENGTH:  # also rejects NaN
+        raise argparse.ArgumentTypeError(
+            f"expected a strength in [0, {MAX_STRENGTH:g}], got {text!r}"
+        )
     return value
 
 
@@ -139,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     values = path.add_mutually_exclusive_group()
     values.add_argument(
-        "--values", type=_strength, nargs="+", metavar="V", help="explicit strengths (>= 0)"
+        "--values",
+        type=_strength,
+        nargs="+",
+        metavar="V",
+        help=f"explicit strengths in [0, {MAX_STRENGTH:g}]",
     )
     values.add_argument(
         "--grid",

@@ -166,7 +166,7 @@ def _path(
         if not warm_start:
             model.load_state_dict(initial)
         optimizer = ProxSGD(param_groups(model, **{reg: s}), lr=lr, momentum=momentum)
-        start = time.perf_counter()
+        start, residual = time.perf_counter(), math.nan
         for epoch in range(epochs):
             train_epoch(model, optimizer, epoch)
             if tol is not None or epoch == epochs - 1:

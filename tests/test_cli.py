@@ -191,6 +191,8 @@ def test_bad_input_exits_2_with_one_line(argv, capsys, tmp_path):
         (["path", "--values", "inf"], "--values", "inf"),
         (["path", "--range", "1e-5", "inf"], "--range", "inf"),
         (["path", "--range", "-1", "1"], "--range", "-1"),
+        (["path", "--values", "1e308"], "--values", "1e308"),
+        (["path", "--reg", "weight_decay", "--range", "1e-5", "1e4"], "--range", "1e4"),
     ],
 )
 def test_numeric_flags_are_bounded(argv, flag, value, capsys, tmp_path):
@@ -208,6 +210,7 @@ def test_limits_are_accepted(capsys):
     assert (args.threads, args.seed, args.epochs) == (1024, 2**32 - 1, 100000)
     assert len(_strengths(_args("--grid", "1000"))) == 1000
     assert len(_strengths(_args("--values", *[str(i) for i in range(1000)]))) == 1000
+    assert _strengths(_args("--values", "0", "1e3")) == [0.0, 1e3]
 
 
 @pytest.mark.parametrize(
@@ -278,10 +281,11 @@ def test_help_and_version(capsys):
 def test_json_records_the_flags_given(command, threads, tmp_path, keep_threads):
     argv = [command, "--epochs", "1", "--seed", "3", "--threads", str(threads), "--no-plots"]
     if command == "path":
-        argv += ["--values", "1e-3"]
+        argv += ["--values", "1e-3", "--cold"]
     assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 0
     settings = json.loads((tmp_path / f"{command}.json").read_text())["settings"]
     assert (settings["epochs"], settings["seed"], settings["threads"]) == (1, 3, threads)
+    assert settings.get("warm_start", False) is False
 
 
 def test_cold_path_points_are_independent_runs_and_warm_ones_are_not(keep_threads):
