@@ -199,6 +199,15 @@ def _check_no_earlier_results(args: argparse.Namespace) -> None:
             )
 
 
+def _report_written(command: str, out: Path, written: list[Path]) -> None:
+    """Print what was written; drop an earlier run's files this run did not replace (its PNGs
+    after ``--overwrite --no-plots``), so that DIR never mixes two runs."""
+    for name in OUTPUTS[command]:
+        if out / name not in written:
+            (out / name).unlink(missing_ok=True)
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
 def _prepare_out(out: str) -> Path:
     path = Path(out)
     try:
@@ -277,7 +286,7 @@ def _run_compare(args: argparse.Namespace, out: Path) -> None:
         fig = plot_sparsity(reports, path=out / "sparsity.png", title="Exact zeros per layer")
         fig.clear()
         written += [out / "weights.png", out / "sparsity.png"]
-    print("wrote " + ", ".join(str(p) for p in written))
+    _report_written("compare", out, written)
 
 
 def _run_path(args: argparse.Namespace, out: Path) -> None:
@@ -323,7 +332,7 @@ def _run_path(args: argparse.Namespace, out: Path) -> None:
         )
         fig.clear()
         written.append(out / "path.png")
-    print("wrote " + ", ".join(str(p) for p in written))
+    _report_written("path", out, written)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

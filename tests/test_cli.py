@@ -232,10 +232,15 @@ def test_earlier_results_are_not_overwritten(command, written, capsys, tmp_path,
     assert json.loads(earlier.read_text())["settings"]["epochs"] == 1
 
 
-def test_a_stale_plot_alone_is_an_earlier_result(capsys, tmp_path):
+def test_a_stale_plot_alone_is_an_earlier_result(capsys, tmp_path, keep_threads):
     (tmp_path / "path.png").write_bytes(b"")
-    assert main(["path", "--no-plots", "--out", str(tmp_path)]) == 2
+    argv = ["path", "--values", "1e-3", "--epochs", "1", "--no-plots", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
     assert "path.png" in capsys.readouterr().err
+    (tmp_path / "unrelated.png").write_bytes(b"")
+    assert main([*argv, "--out", str(tmp_path), "--overwrite"]) == 0
+    # the earlier run's plot goes with its results; other files stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["path.json", "path.txt", "unrelated.png"]
 
 
 @pytest.mark.slow
