@@ -59,7 +59,7 @@ class PathStep:
     strength: float
     #: the prox-gradient residual ``‖G(p)‖`` on ``objective`` after this point's training
     residual: float
-    #: wall time of this point's training (tolerance checks included, your evaluation not)
+    #: wall time of this point's training and residuals (not your code between the points)
     seconds: float
     #: epochs run at this point (fewer than ``epochs`` when ``tol`` was reached)
     epochs: int
@@ -124,12 +124,13 @@ def regularization_path(
     Yields:
         a :class:`PathStep` per strength: ``strength``, ``residual``, ``seconds``, ``epochs``.
 
-    With full-batch ``train_epoch`` (one step on the whole data), ``momentum=0`` and
-    ``lr = 1/L`` this is ISTA along the path, which ``tests/test_paths.py`` checks against
-    scikit-learn's ``lasso_path``::
+    With full-batch steps in ``train_epoch``, ``momentum=0`` and ``lr = 1/L`` (``L`` the
+    Lipschitz constant of the objective's gradient) this is ISTA along the path, which
+    ``tests/test_paths.py`` checks against scikit-learn's ``lasso_path`` (README, section 4)::
 
-        for point in regoptim.regularization_path(model, alphas, step, loss, lr=1 / L,
-                                                  epochs=100_000, tol=1e-10):
+        for point in regoptim.regularization_path(
+            model, alphas, train_epoch, objective, lr=1 / L, epochs=100_000, tol=1e-9
+        ):
             coefs.append(model.weight.detach().clone())
     """
     if reg not in ("l1", "weight_decay"):
@@ -146,7 +147,8 @@ def regularization_path(
     if tol is not None and not tol >= 0:
         raise ValueError(f"regularization_path: tol must be >= 0 or None, got {tol}")
     order = sorted((float(s) for s in strengths), reverse=True)
-    return _path(model, order, train_epoch, objective, lr, reg, momentum, epochs, tol, warm_start)
+    initial = None if warm_start else {k: v.clone() for k, v in model.state_dict().items()}
+    return _path(model, order, train_epoch, objective, lr, reg, momentum, epochs, tol, initial)
 
 
 def _path(
@@ -159,11 +161,10 @@ def _path(
     momentum: float,
     epochs: int,
     tol: float | None,
-    warm_start: bool,
+    initial: dict[str, Tensor] | None,  # cold starts: the weights to restart every point from
 ) -> Iterator[PathStep]:
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for s in strengths:
-        if not warm_start:
+        if initial is not None:
             model.load_state_dict(initial)
         optimizer = ProxSGD(param_groups(model, **{reg: s}), lr=lr, momentum=momentum)
         start, residual = time.perf_counter(), math.nan

@@ -97,7 +97,7 @@ def test_path_end_to_end(tmp_path):
     assert "best l1=" in res.stdout and "test accuracy" in res.stdout
     assert "warm-started, strongest first" in res.stdout
     assert "residual" in res.stdout and "time (s)" in res.stdout
-    assert "100%" in res.stderr  # tqdm's bar
+    assert "100%" in res.stderr and "3/3" in res.stderr  # tqdm's bar: 3 strengths x 1 epoch
     data = json.loads((tmp_path / "path.json").read_text())
     assert [p["strength"] for p in data["points"]] == [3e-2, 1e-3, 0.0]  # strongest first
     best = max(data["points"], key=lambda p: (p["val_accuracy"], p["strength"]))
