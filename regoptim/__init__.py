@@ -2,12 +2,13 @@
 
 Coupled L2 (``weight_decay``), decoupled weight decay (``decoupled_weight_decay=True``, as AdamW)
 and proximal L1 soft-thresholding (``l1``: exact zeros), plus the workflow around them:
-parameter groups that exempt biases and norms, penalties, sparsity reports (plots live in
-``regoptim.plots``).
+parameter groups that exempt biases and norms, penalties, sparsity reports, warm-started
+regularization paths (plots live in ``regoptim.plots``).
 """
 
 from regoptim.adam import ProxAdam, ProxAdamW
 from regoptim.groups import param_groups
+from regoptim.paths import regularization_path
 from regoptim.penalties import l1_penalty, l2_penalty
 from regoptim.prox import soft_threshold, soft_threshold_
 from regoptim.schedules import ParamGroupSchedule, schedule
@@ -27,6 +28,7 @@ __all__ = [
     "l1_penalty",
     "l2_penalty",
     "param_groups",
+    "regularization_path",
     "schedule",
     "soft_threshold",
     "soft_threshold_",

@@ -2,10 +2,11 @@
 
 ``regoptim compare``: one MLP on scikit-learn's digits under seven optimizer/regularization
 configurations; prints a table and writes plots. ``regoptim path``: sweeps a regularization
-strength, picks it by validation accuracy and scores the test set once. Run ``regoptim -h``.
+strength (strongest first, warm-started), picks it by validation accuracy and scores the test set
+once. Run ``regoptim -h``.
 
-Usage errors (unknown flags or values, negative strengths, an unwritable output directory) print
-one line on stderr and exit with status 2.
+Usage errors (unknown flags, values out of range, an unwritable output directory, earlier results
+in ``--out`` without ``--overwrite``) print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import math
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,14 +34,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+MAX_EPOCHS = 100_000
+MAX_THREADS = 1024  # torch.set_num_threads(100000) segfaults; 1024 is far past any CPU's use
+MAX_SEED = 2**32 - 1  # the range numpy and most tools accept; torch takes it too
+MAX_STRENGTHS = 1000  # --grid N and the number of --values
+# at lr 0.1 an l1 of 1e3 zeroes every weight and a weight_decay past 20 diverges; ProxSGD's
+# threshold lr*l1 must also fit in float32 (1e308 raised inside torch's softshrink)
+MAX_STRENGTH = 1e3
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]``; argparse names the flag in its message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}")
+        return value
+
+    return parse
 
 
 def _strength(text: str) -> float:
@@ -48,8 +63,10 @@ def _strength(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"strengths must be finite and >= 0, got {text!r}")
+    if not 0 <= value <= MAX_STRENGTH:  # also rejects NaN
+        raise argparse.ArgumentTypeError(
+            f"expected a strength in [0, {MAX_STRENGTH:g}], got {text!r}"
+        )
     return value
 
 
@@ -72,17 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{compare,path}", required=True)
 
     def common(p: argparse.ArgumentParser, out: str, epochs: int) -> None:
-        p.add_argument("--epochs", type=_positive_int, default=epochs, help=f"default {epochs}")
-        p.add_argument("--seed", type=int, default=0, help="init and batch-order seed (0)")
+        p.add_argument(
+            "--epochs",
+            type=_int_in(1, MAX_EPOCHS),
+            default=epochs,
+            help=f"default {epochs}, at most {MAX_EPOCHS}",
+        )
+        p.add_argument(
+            "--seed",
+            type=_int_in(0, MAX_SEED),
+            default=0,
+            help=f"init and batch-order seed in [0, {MAX_SEED}] (default 0)",
+        )
         p.add_argument("--out", default=out, metavar="DIR", help=f"output directory ({out})")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the results of an earlier run in DIR (refused without it)",
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
         p.add_argument("--no-plots", action="store_true", help="write no PNGs")
         p.add_argument(
             "--threads",
-            type=_positive_int,
+            type=_int_in(1, MAX_THREADS),
             default=1,
             help="torch CPU threads (default 1: fastest for this small model, and the results "
-            "then do not depend on the machine's core count)",
+            f"then do not depend on the machine's core count; at most {MAX_THREADS})",
         )
 
     compare = sub.add_parser(
@@ -98,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     path = sub.add_parser(
         "path",
         help="sweep a strength, pick it by validation accuracy",
-        description="Train ProxSGD across strengths on the train split, report validation "
-        "accuracy and sparsity for each, name the best by validation accuracy and report its "
-        "test accuracy once; write path.png and path.json to DIR.",
+        description="Train ProxSGD along the strengths, strongest first, each from the "
+        "previous solution (warm starts; --cold: each from the initialization), on the train "
+        "split; report validation accuracy, sparsity, the prox-gradient residual on the train "
+        "split and the training time of each, name the best by validation accuracy and report "
+        "its test accuracy once; write path.png and path.json to DIR.",
     )
     path.add_argument(
         "--reg",
@@ -110,10 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     values = path.add_mutually_exclusive_group()
     values.add_argument(
-        "--values", type=_strength, nargs="+", metavar="V", help="explicit strengths (>= 0)"
+        "--values",
+        type=_strength,
+        nargs="+",
+        metavar="V",
+        help=f"explicit strengths in [0, {MAX_STRENGTH:g}]",
     )
     values.add_argument(
-        "--grid", type=_positive_int, metavar="N", help="number of strengths to try (default 7)"
+        "--grid",
+        type=_int_in(1, MAX_STRENGTHS),
+        metavar="N",
+        help=f"number of strengths to try (default 7, at most {MAX_STRENGTHS})",
     )
     path.add_argument(
         "--search",
@@ -129,8 +170,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="strength range for --grid/--search (default 1e-5 3e-2 for l1, 1e-5 1e-1 for "
         "weight_decay)",
     )
+    path.add_argument(
+        "--cold",
+        action="store_true",
+        help="start every strength from the initialization (default: warm starts, each "
+        "strength from the previous, stronger one's solution)",
+    )
     common(path, "runs/path", 60)
     return parser
+
+
+#: every file each command writes to --out (the PNGs unless --no-plots)
+OUTPUTS = {
+    "compare": ("compare.txt", "compare.json", "weights.png", "sparsity.png"),
+    "path": ("path.txt", "path.json", "path.png"),
+}
+
+
+def _check_no_earlier_results(args: argparse.Namespace) -> None:
+    """Refuse to replace an earlier run's results unless ``--overwrite`` says so."""
+    if args.overwrite:
+        return
+    for name in OUTPUTS[args.command]:
+        earlier = Path(args.out) / name
+        if earlier.exists():
+            raise UsageError(
+                f"--out: {str(earlier)!r} holds earlier results; pass --overwrite to replace them"
+            )
+
+
+def _report_written(command: str, out: Path, written: list[Path]) -> None:
+    """Print what was written; drop an earlier run's files this run did not replace (its PNGs
+    after ``--overwrite --no-plots``), so that DIR never mixes two runs."""
+    for name in OUTPUTS[command]:
+        if out / name not in written:
+            (out / name).unlink(missing_ok=True)
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 def _prepare_out(out: str) -> Path:
@@ -149,6 +224,8 @@ def _strengths(args: argparse.Namespace) -> list[float]:
     if args.values is not None:
         if args.search == "random" or args.range is not None:
             raise UsageError("--values cannot be combined with --search random or --range")
+        if len(args.values) > MAX_STRENGTHS:
+            raise UsageError(f"--values: at most {MAX_STRENGTHS} strengths, got {len(args.values)}")
         return sorted(set(args.values))
     lo, hi = args.range if args.range is not None else DEFAULT_RANGES[args.reg]
     if not 0 < lo < hi:
@@ -209,21 +286,27 @@ def _run_compare(args: argparse.Namespace, out: Path) -> None:
         fig = plot_sparsity(reports, path=out / "sparsity.png", title="Exact zeros per layer")
         fig.clear()
         written += [out / "weights.png", out / "sparsity.png"]
-    print("wrote " + ", ".join(str(p) for p in written))
+    _report_written("compare", out, written)
 
 
 def _run_path(args: argparse.Namespace, out: Path) -> None:
-    from .train import regularization_path
+    from .paths import digits_path
 
     strengths = _strengths(args)
     print(
-        f"ProxSGD {args.reg} path over {len(strengths)} strengths ({args.search}), "
-        f"{args.epochs} epochs, seed {args.seed}, {args.threads} thread(s); "
+        f"ProxSGD {args.reg} path over {len(strengths)} strengths ({args.search}), strongest "
+        f"first, {'cold' if args.cold else 'warm'} starts, {args.epochs} epochs each, "
+        f"seed {args.seed}, {args.threads} thread(s); "
         "train/val/test 60/20/20",
         flush=True,
     )
-    result = regularization_path(
-        strengths, reg=args.reg, epochs=args.epochs, seed=args.seed, progress=not args.no_progress
+    result = digits_path(
+        strengths,
+        reg=args.reg,
+        epochs=args.epochs,
+        seed=args.seed,
+        warm_start=not args.cold,
+        progress=not args.no_progress,
     )
     table = result.table()
     print(table)
@@ -245,11 +328,11 @@ def _run_path(args: argparse.Namespace, out: Path) -> None:
             best=result.best.strength,
             xlabel=args.reg,
             path=out / "path.png",
-            title=f"ProxSGD {args.reg} path on digits",
+            title=f"ProxSGD {args.reg} path on digits ({'cold' if args.cold else 'warm'} starts)",
         )
         fig.clear()
         written.append(out / "path.png")
-    print("wrote " + ", ".join(str(p) for p in written))
+    _report_written("path", out, written)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -264,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "path":
             _strengths(args)  # validate before touching the file system
+        _check_no_earlier_results(args)
         out = _prepare_out(args.out)
         import torch
 

@@ -5,9 +5,11 @@ bundled handwritten digits (1797 8x8 images, shipped with scikit-learn, no downl
 
 * :func:`load_digits_split`: a fixed, stratified 60/20/20 train/validation/test split (the split
   never depends on the training seed, so every run and both commands see the same test set).
-* :func:`train_model`: one deterministic training run (seeded init and batch order).
-* :func:`compare`: the seven-way comparison of ``regoptim compare``.
-* :func:`regularization_path`: the strength sweep of ``regoptim path``.
+* :func:`train_model`: one deterministic training run (seeded init and batch order);
+  :func:`run_epoch`, one epoch of it, is what :mod:`regoptim.paths` calls.
+* :func:`compare`: the seven-way comparison of ``regoptim compare`` (tqdm bar on stderr).
+
+The strength sweep of ``regoptim path`` lives in :mod:`regoptim.paths`.
 
 scikit-learn is imported only inside :func:`load_digits_split`; matplotlib never here.
 """
@@ -19,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,13 +37,10 @@ __all__ = [
     "Digits",
     "MLP",
     "Method",
-    "PathPoint",
-    "PathResult",
-    "Progress",
     "compare",
     "compare_methods",
     "load_digits_split",
-    "regularization_path",
+    "run_epoch",
     "train_model",
 ]
 
@@ -59,62 +58,6 @@ COMPARE_DEFAULTS: dict[str, float | int] = {
     "adamw_weight_decay": 1e-2,
     "adam_l1": 1e-4,
 }
-
-
-# ----------------------------------------------------------------------------- progress bar
-
-
-class Progress:
-    """A dependency-free progress bar on ``stream`` (stderr by default).
-
-    On a terminal it redraws one line in place; elsewhere (CI logs, pipes) it prints a line at
-    every 10% so logs stay short. ``enabled=False`` makes it silent.
-    """
-
-    def __init__(
-        self, total: int, *, stream: TextIO | None = None, enabled: bool = True, width: int = 24
-    ) -> None:
-        self.total = max(int(total), 1)
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = enabled
-        self.width = width
-        self.count = 0
-        self.label = ""
-        self.start = time.perf_counter()
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last_decile = -1
-
-    def update(self, n: int = 1, label: str | None = None) -> None:
-        self.count = min(self.count + n, self.total)
-        if label is not None:
-            self.label = label
-        if not self.enabled:
-            return
-        if self._tty:
-            self.stream.write("\r" + self._line())
-            self.stream.flush()
-        else:
-            decile = 10 * self.count // self.total
-            if decile != self._last_decile:
-                self._last_decile = decile
-                self.stream.write(self._line() + "\n")
-                self.stream.flush()
-
-    def _line(self) -> str:
-        frac = self.count / self.total
-        filled = int(round(self.width * frac))
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        bar = "#" * filled + "." * (self.width - filled)
-        return (
-            f"[{bar}] {100 * frac:3.0f}% {self.label[:32]:<32} "
-            f"{elapsed:5.1f}s elapsed, {eta:5.1f}s left"
-        )
-
-    def close(self) -> None:
-        if self.enabled and self._tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -198,6 +141,35 @@ class TrainStats:
         return sum(self.step_times) / len(self.step_times) if self.step_times else math.nan
 
 
+def run_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    loss_l1: float = 0.0,
+    loss_l1_params: Sequence[Tensor] = (),
+    stats: TrainStats | None = None,
+) -> None:
+    """One pass over ``(x, y)`` in ``generator``'s batch order; ``stats`` gets step times."""
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        if loss_l1:
+            loss = loss + loss_l1 * l1_penalty(loss_l1_params)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t0 = time.perf_counter()
+        optimizer.step()
+        if stats is not None:
+            stats.step_times.append(time.perf_counter() - t0)
+            stats.final_loss = loss.item()
+
+
 def train_model(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -218,21 +190,19 @@ def train_model(
     """
     gen = torch.Generator().manual_seed(seed)
     stats = TrainStats()
-    n = x.shape[0]
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            if loss_l1:
-                loss = loss + loss_l1 * l1_penalty(loss_l1_params)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            t0 = time.perf_counter()
-            optimizer.step()
-            stats.step_times.append(time.perf_counter() - t0)
-            stats.final_loss = loss.item()
+        run_epoch(
+            model,
+            optimizer,
+            x,
+            y,
+            batch_size=batch_size,
+            generator=gen,
+            loss_l1=loss_l1,
+            loss_l1_params=loss_l1_params,
+            stats=stats,
+        )
         if on_epoch is not None:
             on_epoch()
     return stats
@@ -383,7 +353,9 @@ def compare(
     h = {**COMPARE_DEFAULTS, **(hp or {})}
     batch_size = int(h["batch_size"])
     x, y = data.train_and_val()
-    bar = Progress(len(methods) * epochs, enabled=progress)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(methods) * epochs, disable=not progress, unit="epoch", file=sys.stderr)
     rows: list[CompareRow] = []
     finals: dict[str, dict[str, Tensor]] = {}
     initial: dict[str, Tensor] = {}
@@ -395,7 +367,7 @@ def compare(
                 initial = {n: p.detach().clone() for n, p in weights(model)}
             optimizer = method.make_optimizer(model)
             l1_params = optimizer.param_groups[0]["params"] if method.loss_l1 else ()
-            bar.update(0, label=method.name)
+            bar.set_description(method.name)
             stats = train_model(
                 model,
                 optimizer,
@@ -421,128 +393,6 @@ def compare(
             finals[method.name] = {n: p.detach().clone() for n, p in weights(model)}
     finally:
         bar.close()
-    settings = {"epochs": epochs, "seed": seed, **h, "threads": torch.get_num_threads()}
+    # the arguments last: COMPARE_DEFAULTS' "epochs" must not overwrite the epochs run
+    settings = {**h, "epochs": epochs, "seed": seed, "threads": torch.get_num_threads()}
     return CompareResult(rows, initial, finals, settings)
-
-
-# ----------------------------------------------------------------------------- path
-
-
-@dataclass
-class PathPoint:
-    strength: float
-    train_accuracy: float
-    val_accuracy: float
-    sparsity: SparsityReport
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "strength": self.strength,
-            "train_accuracy": self.train_accuracy,
-            "val_accuracy": self.val_accuracy,
-            "zero_fraction": self.sparsity.fraction,
-            "near_zero_fraction": self.sparsity.near_fraction,
-        }
-
-
-@dataclass
-class PathResult:
-    reg: str
-    points: list[PathPoint]
-    best: PathPoint
-    test_accuracy: float
-    settings: dict[str, Any]
-
-    def table(self) -> str:
-        header = (self.reg, "train acc", "val acc", "exact zeros", "")
-        body = [
-            (
-                f"{p.strength:.2e}",
-                f"{100 * p.train_accuracy:.1f}%",
-                f"{100 * p.val_accuracy:.1f}%",
-                f"{100 * p.sparsity.fraction:.1f}%",
-                "<- best" if p is self.best else "",
-            )
-            for p in self.points
-        ]
-        return _format_table(header, body, left=0)
-
-    def summary(self) -> str:
-        return (
-            f"best {self.reg}={self.best.strength:.2e} by validation accuracy "
-            f"({100 * self.best.val_accuracy:.1f}%, {100 * self.best.sparsity.fraction:.1f}% "
-            f"exact zeros); its test accuracy: {100 * self.test_accuracy:.1f}%"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "reg": self.reg,
-            "settings": self.settings,
-            "points": [p.to_dict() for p in self.points],
-            "best": self.best.to_dict(),
-            "test_accuracy": self.test_accuracy,
-        }
-
-
-def regularization_path(
-    strengths: Sequence[float],
-    *,
-    reg: str = "l1",
-    epochs: int = int(COMPARE_DEFAULTS["epochs"]),
-    seed: int = 0,
-    progress: bool = True,
-    data: Digits | None = None,
-    hp: dict[str, float | int] | None = None,
-) -> PathResult:
-    """Train ProxSGD at each strength on the train split; pick the best by validation accuracy.
-
-    ``reg="l1"`` sweeps the proximal ``l1``; ``reg="weight_decay"`` sweeps coupled L2
-    ``weight_decay`` (exactly ``torch.optim.SGD``'s). Ties in validation accuracy go to the
-    larger strength (the simpler model). The test set is scored once, for the best strength.
-    """
-    from . import ProxSGD
-
-    if reg not in ("l1", "weight_decay"):
-        raise ValueError(f"regularization_path: reg must be 'l1' or 'weight_decay', got {reg!r}")
-    if not strengths:
-        raise ValueError("regularization_path: strengths is empty")
-    if any(not (s >= 0 and math.isfinite(s)) for s in strengths):
-        raise ValueError(f"regularization_path: strengths must be finite and >= 0: {strengths}")
-    data = load_digits_split() if data is None else data
-    h = {**COMPARE_DEFAULTS, **(hp or {})}
-    bar = Progress(len(strengths) * epochs, enabled=progress)
-    points: list[PathPoint] = []
-    best_model: nn.Module | None = None
-    best: PathPoint | None = None
-    try:
-        for s in sorted(strengths):
-            torch.manual_seed(seed)
-            model = MLP()
-            groups = param_groups(model, **{reg: float(s)})
-            optimizer = ProxSGD(groups, lr=float(h["sgd_lr"]), momentum=float(h["momentum"]))
-            bar.update(0, label=f"{reg}={s:.3g}")
-            train_model(
-                model,
-                optimizer,
-                data.x_train,
-                data.y_train,
-                epochs=epochs,
-                batch_size=int(h["batch_size"]),
-                seed=seed,
-                on_epoch=lambda: bar.update(1),
-            )
-            point = PathPoint(
-                strength=float(s),
-                train_accuracy=accuracy(model, data.x_train, data.y_train),
-                val_accuracy=accuracy(model, data.x_val, data.y_val),
-                sparsity=sparsity(weights(model), atol=NEAR_ZERO_ATOL),
-            )
-            points.append(point)
-            if best is None or point.val_accuracy >= best.val_accuracy:
-                best, best_model = point, model
-    finally:
-        bar.close()
-    assert best is not None and best_model is not None
-    test_acc = accuracy(best_model, data.x_test, data.y_test)
-    settings = {"epochs": epochs, "seed": seed, **h, "threads": torch.get_num_threads()}
-    return PathResult(reg, points, best, test_acc, settings)
