@@ -47,8 +47,13 @@ def sgd_step(
     decoupled_weight_decay: bool = False,
     l1: float = 0.0,
     maximize: bool = False,
+    decay_scaling: str = "lr",
+    initial_lr: float | None = None,
 ) -> Tensor:
-    """One ProxSGD step on one parameter; returns the new parameter (float64), updates ``state``."""
+    """One ProxSGD step on one parameter; returns the new parameter (float64), updates ``state``.
+
+    ``decay_scaling`` (decoupled decay only): the decay factor is ``1 - lr * wd`` ("lr"),
+    ``1 - wd * lr / initial_lr`` ("schedule") or ``1 - wd`` ("none")."""
     p = _f64(param)
     g = _f64(grad)
     if maximize:
@@ -66,13 +71,27 @@ def sgd_step(
         g = g + momentum * b if nesterov else b
     # 3. decoupled decay
     if weight_decay != 0 and decoupled_weight_decay:
-        p = p * (1 - lr * weight_decay)
+        p = p * decay_factor(lr, weight_decay, decay_scaling, initial_lr)
     # 4. gradient step
     p = p - lr * g
     # 5. proximal L1
     if l1 != 0:
         p = soft_threshold_ref(p, lr * l1)
     return p
+
+
+def decay_factor(lr: float, weight_decay: float, scaling: str, initial_lr: float | None) -> float:
+    """The decoupled decay's multiplier for ``decay_scaling``: ``1 - lr*wd`` (torch's, "lr"),
+    ``1 - wd*lr/initial_lr`` ("schedule": the decay follows the lr schedule's shape, not its
+    scale) or ``1 - wd`` ("none": independent of lr)."""
+    if scaling == "lr":
+        return 1 - lr * weight_decay
+    if scaling == "schedule":
+        assert initial_lr is not None and initial_lr > 0
+        return 1 - weight_decay * lr / initial_lr
+    if scaling == "none":
+        return 1 - weight_decay
+    raise ValueError(f"unknown decay_scaling {scaling!r}")
 
 
 def adam_step(
@@ -88,8 +107,12 @@ def adam_step(
     decoupled_weight_decay: bool = False,
     l1: float = 0.0,
     maximize: bool = False,
+    decay_scaling: str = "lr",
+    initial_lr: float | None = None,
 ) -> Tensor:
     """One ProxAdam/ProxAdamW step on one parameter; returns the new parameter, updates ``state``.
+
+    ``decay_scaling`` as in :func:`sgd_step`.
 
     Complex parameters follow torch: the moments are kept per real/imaginary component
     (``view_as_real``). The L1 prox of a complex entry shrinks its modulus with the threshold
@@ -111,7 +134,7 @@ def adam_step(
     # 1. coupled L2 / 3. decoupled decay (before the update, as torch.optim.AdamW)
     if weight_decay != 0:
         if decoupled_weight_decay:
-            p = p * (1 - lr * weight_decay)
+            p = p * decay_factor(lr, weight_decay, decay_scaling, initial_lr)
         else:
             g = g + weight_decay * p
     complex_param = p.is_complex()
