@@ -15,6 +15,7 @@ from torch.optim.optimizer import ParamsT
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
+    check_fused_params,
     group_tensors,
     on_device,
     resolve_impl,
@@ -24,7 +25,7 @@ from regoptim.optimizer import (
     validate_non_negative,
     validate_optional_flag,
 )
-from regoptim.prox import soft_threshold_
+from regoptim.prox import soft_threshold, soft_threshold_
 
 __all__ = ["ProxSGD", "prox_sgd"]
 
@@ -84,10 +85,14 @@ class ProxSGD(ProxOptimizer):
         l1: L1 strength :math:`\kappa` of the proximal soft-threshold step (default: 0).
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick, as torch does).
+        differentiable: run the step with autograd on, as ``torch.optim.SGD(differentiable=True)``
+            does, so gradients flow through it (the prox included); takes the for-loop unless
+            ``foreach=True``, and cannot be combined with ``fused=True`` (default: False).
         fused: use regoptim's fused kernels: Triton on CUDA (also on CPU under
             ``TRITON_INTERPRET=1``), the fused C++ kernel on CPU. ``None`` (default): the Triton
             kernels for CUDA parameters when triton is installed; on CPU, torch's fused SGD kernel
-            with one extra pass for what it lacks (decoupled decay, the prox).
+            with one extra pass for what it lacks (decoupled decay, the prox). The parameters'
+            devices and dtypes are checked at the first step, as torch does.
 
     Note:
         Torch's default on CPU is a for-loop; regoptim's default there calls torch's fused CPU
@@ -99,15 +104,16 @@ class ProxSGD(ProxOptimizer):
         self,
         params: ParamsT,
         lr: float | Tensor = 1e-3,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
         nesterov: bool = False,
         *,
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
         maximize: bool = False,
         foreach: bool | None = None,
+        differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
         defaults: dict[str, Any] = {
@@ -121,12 +127,13 @@ class ProxSGD(ProxOptimizer):
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
-            "differentiable": False,
+            "differentiable": differentiable,
         }
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        validate_lr(group["lr"])
+        validate_flag(group["differentiable"], "differentiable")
+        validate_lr(group["lr"], differentiable=group["differentiable"])
         validate_non_negative(group["momentum"], "momentum")
         validate_non_negative(group["dampening"], "dampening")
         if group["dampening"] > 1.0:
@@ -143,6 +150,8 @@ class ProxSGD(ProxOptimizer):
                 "Nesterov momentum requires a momentum and zero dampening "
                 f"(got momentum={group['momentum']}, dampening={group['dampening']})"
             )
+        if group["fused"] and group["differentiable"]:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if group["fused"] and group["foreach"]:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
@@ -173,9 +182,10 @@ class ProxSGD(ProxOptimizer):
             has_sparse_grad |= p.grad.is_sparse
             if group["momentum"] != 0:
                 momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
+        if group["fused"]:
+            check_fused_params(params)
         return has_sparse_grad
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; returns the closure's loss (``None`` without one)."""
         return self._step_groups(closure, self._step_group)
@@ -202,6 +212,7 @@ class ProxSGD(ProxOptimizer):
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             l1=group["l1"],
+            differentiable=group["differentiable"],
         )
         if group["momentum"] != 0:
             for p, buf in zip(params, momentum_buffer_list, strict=True):
@@ -227,6 +238,7 @@ def prox_sgd(
     maximize: bool,
     decoupled_weight_decay: bool = False,
     l1: float = 0.0,
+    differentiable: bool = False,
 ) -> None:
     """Functional ProxSGD: picks the implementation and runs one step. See :class:`ProxSGD`.
 
@@ -240,7 +252,9 @@ def prox_sgd(
             "ProxSGD: coupled weight_decay does not support sparse gradients (neither does "
             "torch.optim.SGD); use decoupled_weight_decay=True or dense gradients"
         )
-    impl = resolve_impl(params, grads, foreach=foreach, fused=fused)
+    impl = resolve_impl(params, grads, foreach=foreach, fused=fused, differentiable=differentiable)
+    if differentiable and impl == "fused":
+        raise RuntimeError("`fused` does not support `differentiable`")
     func = {
         "loop": _single_tensor_prox_sgd,
         "foreach": _multi_tensor_prox_sgd,
@@ -262,6 +276,8 @@ def prox_sgd(
         has_sparse_grad=has_sparse_grad,
         decoupled_weight_decay=decoupled_weight_decay,
         l1=l1,
+        # only the eager paths take the flag (the fused kernels refuse it above)
+        **({"differentiable": True} if differentiable else {}),
     )
 
 
@@ -282,6 +298,7 @@ def _eager_prox_sgd(
     has_sparse_grad: bool,
     decoupled_weight_decay: bool,
     l1: float,
+    differentiable: bool = False,
 ) -> None:
     # torch.optim's own SGD does steps 1, 2 and 4; regoptim adds 3 (decoupled decay, which may
     # run before torch's step because, decoupled, the gradient no longer depends on the weights)
@@ -306,7 +323,12 @@ def _eager_prox_sgd(
         nesterov=nesterov,
         maximize=maximize,
     )
-    if l1 != 0:
+    if l1 != 0 and differentiable:
+        # out of place, so autograd keeps what clamp saved: p <- p - clamp(p, -t, t)
+        threshold = lr * l1
+        for p in params:
+            p.copy_(soft_threshold(p.clone(), on_device(threshold, p.device)))
+    elif l1 != 0:
         _prox_l1_(params, lr, l1, foreach=impl in ("foreach", "torch_fused"))
 
 
