@@ -129,7 +129,7 @@ SGD = OptimInfo(
         (
             {"nesterov": True},
             ValueError,
-            r"^Nesterov momentum requires a momentum and zero dampening.*momentum=0\.0",
+            r"^Nesterov momentum requires a momentum and zero dampening \(got momentum=0, dampening=0\)$",
         ),
         ({"nesterov": True, "momentum": 0.9, "dampening": 0.1}, ValueError, r"dampening=0\.1"),
     ],
