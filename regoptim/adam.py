@@ -2,7 +2,7 @@ r"""ProxAdam and ProxAdamW: torch.optim.Adam/AdamW with a proximal L1 step in Ad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +10,7 @@ import torch.optim.adam as _torch_adam
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from regoptim._eager_prox import adam_prox_l1_
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -24,7 +25,6 @@ from regoptim.optimizer import (
     validate_non_negative,
     validate_optional_flag,
 )
-from regoptim.prox import soft_threshold, soft_threshold_
 
 __all__ = ["ProxAdam", "ProxAdamW", "prox_adam"]
 
@@ -498,7 +498,7 @@ def _eager_prox_adam(
         maximize=maximize,
     )
     if l1 != 0:
-        _adam_prox_l1_(
+        adam_prox_l1_(
             params,
             max_exp_avg_sqs if amsgrad else exp_avg_sqs,
             state_steps,
@@ -510,126 +510,6 @@ def _eager_prox_adam(
             on_device_step=capturable or differentiable,
             differentiable=differentiable,
         )
-
-
-def _adam_prox_l1_(
-    params: list[Tensor],
-    second_moments: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta2: float,
-    eps: float,
-    l1: float,
-    foreach: bool,
-    on_device_step: bool = False,
-    differentiable: bool = False,
-) -> None:
-    """Soft-threshold each weight by ``lr * l1 / d`` with ``d = sqrt(v) / sqrt(1 - beta2^t) + eps``.
-
-    ``on_device_step`` (capturable, differentiable): the bias correction in tensor arithmetic on
-    the step's device, never read on the host. ``differentiable``: out of place, so autograd can
-    follow it.
-    """
-    bc2_sqrt = _bias_correction2_sqrt(beta2, state_steps, on_device_step)
-    if differentiable:
-        for i, p in enumerate(params):
-            v = second_moments[i]
-            if p.is_complex():
-                d = (torch.view_as_real(v).sqrt() / bc2_sqrt[i] + eps).mean(dim=-1)
-            else:
-                d = v.sqrt() / bc2_sqrt[i] + eps
-            # p <- p - clamp(p, -t, t) from a clone, which clamp keeps for the backward pass
-            p.copy_(soft_threshold(p.clone(), on_device(lr, p.device) * l1 / d))
-        return
-    real = [i for i, p in enumerate(params) if not p.is_complex()]
-    if foreach and real and not isinstance(lr, Tensor):
-        lists = (
-            [params[i] for i in real],
-            [second_moments[i] for i in real],
-            [bc2_sqrt[i] for i in real],
-        )
-        if all(params[i].device.type == "cpu" for i in real):
-            # CPU: a chain of whole-list foreach ops streams every tensor through memory at each
-            # op; cache-sized blocks keep the temporaries (and p, v) in cache between ops.
-            for block in _cache_blocks(*lists, _PROX_BLOCK_NUMEL):
-                _foreach_adam_prox_(*block, lr * l1, eps)
-        else:
-            _foreach_adam_prox_(*lists, lr * l1, eps)
-        done = set(real)
-    else:
-        done = set()
-    for i, p in enumerate(params):
-        if i in done:
-            continue
-        v = second_moments[i]
-        if p.is_complex():
-            d = (torch.view_as_real(v).sqrt() / bc2_sqrt[i]).add_(eps).mean(dim=-1)
-        else:
-            d = (v.sqrt() / bc2_sqrt[i]).add_(eps)
-        threshold = d.reciprocal_().mul_(on_device(lr, p.device) * l1)
-        soft_threshold_(p, threshold)
-
-
-def _bias_correction2_sqrt(
-    beta2: float | Tensor, state_steps: list[Tensor], on_device_step: bool
-) -> list[Any]:
-    """``sqrt(1 - beta2^t)`` per parameter: a float, or a 0-d tensor that is never read on the host
-    (capturable, differentiable, and under torch.compile, where ``.item()`` breaks the graph)."""
-    if torch.compiler.is_compiling():
-        # the step tensor in float64, as float(s) is in eager
-        return [(1 - beta2 ** s.double()) ** 0.5 for s in state_steps]
-    if on_device_step:
-        return [(1 - beta2**s).sqrt() for s in state_steps]
-    return [float((1 - beta2 ** float(s)) ** 0.5) for s in state_steps]
-
-
-# Elements per block of the CPU prox pass: p, v and two temporaries of this size (4 MiB in float32)
-# stay in L2/L3 from one foreach op to the next.
-_PROX_BLOCK_NUMEL = 256 * 1024
-
-
-def _foreach_adam_prox_(
-    ps: list[Tensor], vs: list[Tensor], bc2_sqrt: list[Any], lr_l1: float, eps: float
-) -> None:
-    """``p -= clamp(p, -t, t)`` with ``t = lr_l1 / (sqrt(v) / bc2_sqrt + eps)``, foreach."""
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denom, bc2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_reciprocal_(denom)
-    torch._foreach_mul_(denom, lr_l1)  # the threshold t = lr * l1 / d
-    clamped = torch._foreach_minimum(ps, denom)
-    torch._foreach_neg_(denom)
-    torch._foreach_maximum_(clamped, denom)
-    torch._foreach_sub_(ps, clamped)
-
-
-def _cache_blocks(
-    ps: list[Tensor], vs: list[Tensor], bc2_sqrt: list[Any], numel: int
-) -> Iterator[tuple[list[Tensor], list[Tensor], list[Any]]]:
-    """Split the lists into blocks of about ``numel`` elements; a larger tensor is cut into flat
-    chunks when it and its ``v`` are contiguous (elementwise ops do not care where a chunk ends)."""
-    bp: list[Tensor] = []
-    bv: list[Tensor] = []
-    bb: list[Any] = []
-    n = 0
-    for p, v, b in zip(ps, vs, bc2_sqrt, strict=True):
-        m = p.numel()
-        if m > numel and p.is_contiguous() and v.is_contiguous():
-            pf, vf = p.view(-1), v.view(-1)
-            pieces = [(pf[s : s + numel], vf[s : s + numel]) for s in range(0, m, numel)]
-        else:
-            pieces = [(p, v)]
-        for pp, vv in pieces:
-            bp.append(pp)
-            bv.append(vv)
-            bb.append(b)
-            n += pp.numel()
-            if n >= numel:
-                yield bp, bv, bb
-                bp, bv, bb, n = [], [], [], 0
-    if bp:
-        yield bp, bv, bb
 
 
 def _fused_prox_adam(

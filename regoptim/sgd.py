@@ -2,8 +2,6 @@ r"""ProxSGD: torch.optim.SGD with decoupled weight decay and a proximal L1 step.
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +10,7 @@ import torch.optim.sgd as _torch_sgd
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from regoptim._eager_prox import decay_, prox_l1_
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -25,7 +24,6 @@ from regoptim.optimizer import (
     validate_non_negative,
     validate_optional_flag,
 )
-from regoptim.prox import soft_threshold, soft_threshold_
 
 __all__ = ["ProxSGD", "prox_sgd"]
 
@@ -308,7 +306,7 @@ def _eager_prox_sgd(
     ):
         return
     if weight_decay != 0 and decoupled_weight_decay:
-        _decay_(params, lr, weight_decay, foreach=impl == "foreach")
+        decay_(params, lr, weight_decay, foreach=impl == "foreach")
     _torch_sgd.sgd(
         params,
         grads,
@@ -323,13 +321,14 @@ def _eager_prox_sgd(
         nesterov=nesterov,
         maximize=maximize,
     )
-    if l1 != 0 and differentiable:
-        # out of place, so autograd keeps what clamp saved: p <- p - clamp(p, -t, t)
-        threshold = lr * l1
-        for p in params:
-            p.copy_(soft_threshold(p.clone(), on_device(threshold, p.device)))
-    elif l1 != 0:
-        _prox_l1_(params, lr, l1, foreach=impl in ("foreach", "torch_fused"))
+    if l1 != 0:
+        prox_l1_(
+            params,
+            lr,
+            l1,
+            foreach=impl in ("foreach", "torch_fused"),
+            differentiable=differentiable,
+        )
 
 
 def _single_tensor_prox_sgd(*args: Any, **kwargs: Any) -> None:
@@ -464,65 +463,3 @@ def _for_each_first_step_split(
         run([params[i] for i in idx], [grads[i] for i in idx], sub_bufs)
         for i, b in zip(idx, sub_bufs, strict=True):
             bufs[i] = b
-
-
-def _decay_(
-    params: list[Tensor], lr: float | Tensor, weight_decay: float, *, foreach: bool
-) -> None:
-    factor = 1 - lr * weight_decay
-    if foreach:
-        for (device, _), ((dps,), _) in group_tensors([params]):
-            torch._foreach_mul_(dps, on_device(factor, device))  # type: ignore[arg-type]
-    else:
-        for p in params:
-            p.mul_(factor)
-
-
-def _prox_l1_(params: list[Tensor], lr: float | Tensor, l1: float, *, foreach: bool) -> None:
-    threshold = lr * l1
-    real = [p for p in params if not p.is_complex()]
-    for p in params:
-        if p.is_complex():
-            soft_threshold_(p, on_device(threshold, p.device))
-    if foreach and real and not isinstance(threshold, Tensor):
-        for (device, dtype), ((dps,), _) in group_tensors([real]):  # type: ignore[list-item]
-            if device.type == "cpu" and _softshrink_is_prox(dtype):
-                # one pass per tensor instead of three foreach passes and a temporary
-                for p in dps:
-                    _softshrink(p, threshold, out=p)  # type: ignore[misc]
-                continue
-            # p - clamp(p, -t, t): soft-thresholding with exact zeros (see regoptim.prox)
-            clamped = torch._foreach_clamp_min(dps, -threshold)  # type: ignore[arg-type]
-            torch._foreach_clamp_max_(clamped, threshold)
-            torch._foreach_sub_(dps, clamped)  # type: ignore[arg-type]
-    else:
-        for p in real:
-            soft_threshold_(p, on_device(threshold, p.device))
-
-
-# aten's softshrink with an ``out=`` argument (the public functional API has none)
-_softshrink = getattr(torch._C._nn, "softshrink", None)
-
-
-@functools.cache
-def _softshrink_is_prox(dtype: torch.dtype) -> bool:
-    """Whether ``aten.softshrink(x, t, out=x)`` on CPU is exactly ``x - clamp(x, -t, t)`` for ``dtype``.
-
-    It is one pass where the clamp form is three foreach passes and a temporary, but torch before
-    2.6 maps NaN to 0 (pytorch#138385), which the prox must not do. Checked once per dtype, on an
-    input long enough for both the vectorized body and the scalar tail; limited to float32 and
-    float64, where both forms round the threshold to the tensor's dtype alike.
-    """
-    if _softshrink is None or dtype not in (torch.float32, torch.float64):
-        return False
-    vals = [math.nan, math.inf, -math.inf, 0.0, -0.0, 0.5, -0.5, 0.25, -0.25, 1.0, -1.0, 3.0]
-    x = torch.tensor(vals * 6, dtype=dtype)
-    try:
-        y = torch.empty_like(x)
-        _softshrink(x, 0.5, out=y)
-    except (RuntimeError, TypeError):
-        return False
-    ref = x - x.clamp(-0.5, 0.5)
-    return bool(
-        torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(), ref.nan_to_num())
-    )
