@@ -309,7 +309,7 @@ def _squeezed(beta: Any) -> Any:
 
 def _eager_flags(impl: Impl, capturable: bool, differentiable: bool) -> dict[str, bool]:
     """``capturable``/``differentiable`` for the eager paths only (the fused kernels take neither:
-    fused with differentiable is refused, and fused steps never read ``step`` on the host)."""
+    fused with differentiable is refused, and they keep ``step`` on the device themselves)."""
     if impl == "fused":
         if differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")

@@ -97,7 +97,9 @@ def validate_betas(betas: Any, *, capturable: bool = False, foreach: bool | None
     for i, beta in enumerate(betas):
         if isinstance(beta, Tensor):
             if beta.numel() != 1 or beta.device.type != "cpu" or torch.compiler.is_compiling():
-                continue  # torch cannot compare these either; the 1-element rule below says why
+                # not read: torch's comparison fails on several elements (the 1-element rule
+                # below says what is wrong) and would sync on a device
+                continue
             value: Any = float(beta.detach())
         elif _is_number(beta):
             value = beta
@@ -261,15 +263,12 @@ class ProxOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
-            self._check_new_group(self.param_groups[-1])
+            # devices and dtypes are checked at step time, as torch does: a model built on the
+            # meta device and moved with ``to_empty`` after the optimizer was made is fine
+            self._validate_group(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
-
-    def _check_new_group(self, group: dict[str, Any]) -> None:
-        # devices and dtypes are checked at step time, as torch does: a model built on the meta
-        # device and moved with ``to_empty`` after the optimizer was made is fine
-        self._validate_group(group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
