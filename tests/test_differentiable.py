@@ -7,6 +7,7 @@ the state). capturable: ``step`` on the parameter's device and never read on the
 
 from __future__ import annotations
 
+import copy
 import importlib
 from typing import Any
 
@@ -265,3 +266,39 @@ def test_capturable_step_replays_in_a_cuda_graph(foreach):
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(params[0], eager[0])
+
+
+def _torch_capturable_inputs() -> list[Any]:
+    common = pytest.importorskip("torch.testing._internal.common_optimizers")
+    out = []
+    for info in common.optim_db:
+        ours = {"Adam": regoptim.ProxAdam, "AdamW": regoptim.ProxAdamW}.get(info.name)
+        for inp in info.optim_inputs_func("cuda") if ours else []:
+            if inp.kwargs.get("capturable"):
+                out.append(
+                    pytest.param(ours, info.optim_cls, inp.kwargs, id=f"{ours.__name__}-{inp.desc}")
+                )
+    return out
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+@pytest.mark.parametrize(("cls", "torch_cls", "kwargs"), _torch_capturable_inputs())
+def test_torchs_capturable_inputs_step_as_torchs(cls, torch_cls, kwargs, foreach, monkeypatch):
+    """torch's capturable inputs (tensor lr, tensor betas), run on CPU by letting torch's capturable
+    Adam accept CPU tensors: ours (l1=0) equals torch's bit for bit; with l1 it still steps."""
+    monkeypatch.setattr(
+        _torch_adam, "_get_capturable_supported_devices", lambda *a, **k: ["cpu", "cuda"]
+    )
+    kwargs = {**kwargs, "foreach": foreach}
+    results = []
+    for c, extra in ((cls, {}), (torch_cls, {}), (cls, {"l1": 0.5})):
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5, 4, generator=g))
+        opt = c([p], **copy.deepcopy(kwargs), **extra)
+        for _ in range(3):
+            p.grad = torch.randn(5, 4, generator=g)
+            opt.step()
+        assert opt.state[p]["step"].device == p.device
+        results.append(p.detach())
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[2], results[0])
