@@ -97,8 +97,8 @@ class ProxAdam(ProxOptimizer):
         fused: use regoptim's fused kernels: Triton on CUDA (also on CPU under
             ``TRITON_INTERPRET=1``), the fused C++ kernel on CPU. ``None`` (default): the Triton
             kernels for CUDA parameters when triton is installed; on CPU, torch's fused Adam kernel
-            plus one pass for the prox. The parameters' devices and dtypes are checked at the first
-            step, as torch does.
+            plus one pass for the prox. The parameters' devices and dtypes are checked when it
+            steps, not at construction, as torch does.
 
     Note:
         For complex parameters torch keeps the moments per real and imaginary component; the prox

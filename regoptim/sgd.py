@@ -90,7 +90,7 @@ class ProxSGD(ProxOptimizer):
             ``TRITON_INTERPRET=1``), the fused C++ kernel on CPU. ``None`` (default): the Triton
             kernels for CUDA parameters when triton is installed; on CPU, torch's fused SGD kernel
             with one extra pass for what it lacks (decoupled decay, the prox). The parameters'
-            devices and dtypes are checked at the first step, as torch does.
+            devices and dtypes are checked when it steps, not at construction, as torch does.
 
     Note:
         Torch's default on CPU is a for-loop; regoptim's default there calls torch's fused CPU
