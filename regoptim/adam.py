@@ -2,7 +2,7 @@ r"""ProxAdam and ProxAdamW: torch.optim.Adam/AdamW with a proximal L1 step in Ad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,9 +10,11 @@ import torch.optim.adam as _torch_adam
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from regoptim._eager_prox import adam_prox_l1_
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
+    check_fused_params,
     group_tensors,
     on_device,
     resolve_impl,
@@ -23,7 +25,6 @@ from regoptim.optimizer import (
     validate_non_negative,
     validate_optional_flag,
 )
-from regoptim.prox import soft_threshold_
 
 __all__ = ["ProxAdam", "ProxAdamW", "prox_adam"]
 
@@ -75,7 +76,8 @@ class ProxAdam(ProxOptimizer):
             parameter groups (every hyperparameter below may differ per group).
         lr: learning rate, a float or a 1-element tensor (default: 1e-3).
         betas: coefficients of the running averages of the gradient and its square, each in
-            [0, 1) (default: (0.9, 0.999)).
+            [0, 1): two floats, or two 1-element tensors (not with ``foreach=True`` unless
+            ``capturable=True``), as torch takes them (default: (0.9, 0.999)).
         eps: term added to the denominator (default: 1e-8).
         weight_decay: weight decay :math:`\lambda` (default: 0).
         amsgrad: use the running maximum of :math:`v` (default: False).
@@ -84,11 +86,19 @@ class ProxAdam(ProxOptimizer):
         l1: L1 strength :math:`\kappa` of the proximal step (default: 0).
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick, as torch does). As in torch,
-            a tensor ``lr`` cannot be combined with ``foreach=True``.
+            a tensor ``lr`` cannot be combined with ``foreach=True`` unless ``capturable=True``.
+        capturable: keep ``step`` on the parameters' device and never read it on the host, so
+            the step can be captured in a CUDA graph (torch's meaning; torch's capturable
+            for-loop/foreach paths with the prox in tensor arithmetic). As in torch, a step on
+            devices torch does not capture (CPU) raises (default: False).
+        differentiable: run the step with autograd on, as ``torch.optim.Adam(differentiable=True)``
+            does, so gradients flow through it (the prox included); takes the for-loop, and cannot
+            be combined with ``fused=True`` (default: False).
         fused: use regoptim's fused kernels: Triton on CUDA (also on CPU under
             ``TRITON_INTERPRET=1``), the fused C++ kernel on CPU. ``None`` (default): the Triton
             kernels for CUDA parameters when triton is installed; on CPU, torch's fused Adam kernel
-            plus one pass for the prox.
+            plus one pass for the prox. The parameters' devices and dtypes are checked when it
+            steps, not at construction, as torch does.
 
     Note:
         For complex parameters torch keeps the moments per real and imaginary component; the prox
@@ -100,19 +110,22 @@ class ProxAdam(ProxOptimizer):
         self,
         params: ParamsT,
         lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0,
         amsgrad: bool = False,
         *,
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
         maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(betas, list):
-            betas = (betas[0], betas[1]) if len(betas) == 2 else betas
+        if isinstance(betas, (tuple, list)) and len(betas) == 2:
+            # as torch: a pair, 1-element tensors squeezed to 0-d (checked in _validate_group)
+            betas = (_squeezed(betas[0]), _squeezed(betas[1]))
         defaults: dict[str, Any] = {
             "lr": lr,
             "betas": betas,
@@ -124,27 +137,30 @@ class ProxAdam(ProxOptimizer):
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
-            "capturable": False,
-            "differentiable": False,
+            "capturable": capturable,
+            "differentiable": differentiable,
         }
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        validate_lr(group["lr"])
-        validate_betas(group["betas"])
-        validate_non_negative(group["eps"], "eps")
+        validate_flag(group["capturable"], "capturable")
+        validate_flag(group["differentiable"], "differentiable")
+        validate_optional_flag(group["foreach"], "foreach")
+        if isinstance(group["lr"], Tensor) and group["foreach"] and not group["capturable"]:
+            raise ValueError(
+                "lr as a Tensor is not supported for capturable=False and foreach=True"
+            )
+        validate_lr(group["lr"], differentiable=group["differentiable"])
+        validate_non_negative(group["eps"], "eps", "epsilon value")
+        validate_betas(group["betas"], capturable=group["capturable"], foreach=group["foreach"])
         validate_non_negative(group["weight_decay"], "weight_decay")
         validate_non_negative(group["l1"], "l1")
         validate_flag(group["amsgrad"], "amsgrad")
         validate_flag(group["decoupled_weight_decay"], "decoupled_weight_decay")
         validate_flag(group["maximize"], "maximize")
-        validate_optional_flag(group["foreach"], "foreach")
         validate_optional_flag(group["fused"], "fused")
-        if group["foreach"] and isinstance(group["lr"], Tensor):
-            raise ValueError(
-                f"Invalid learning rate: a Tensor lr ({group['lr']!r}) is not supported with "
-                "foreach=True (as in torch.optim.Adam); use a float or foreach=None"
-            )
+        if group["fused"] and group["differentiable"]:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if group["fused"] and group["foreach"]:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
@@ -162,7 +178,12 @@ class ProxAdam(ProxOptimizer):
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
+                    on_param = group["capturable"] or group["fused"]
+                    p_state["step"] = torch.tensor(
+                        float(p_state["step"]),
+                        dtype=torch.float32 if group["fused"] else _scalar_dtype(),
+                        device=p.device if on_param else None,
+                    )
 
     @staticmethod
     def _default_decoupled() -> bool:
@@ -180,7 +201,8 @@ class ProxAdam(ProxOptimizer):
         state_steps: list[Tensor],
     ) -> bool:
         has_complex = False
-        on_device_steps = impl in ("fused", "torch_fused")
+        fused_steps = impl in ("fused", "torch_fused")
+        capturable = group["capturable"]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -194,11 +216,13 @@ class ProxAdam(ProxOptimizer):
             grads.append(p.grad)  # type: ignore[arg-type]
             state = self.state[p]
             if len(state) == 0:
-                # torch's placement: a float32 step on the param's device for fused kernels,
-                # a CPU scalar otherwise
+                # torch's placement: a float32 step on the param's device for fused kernels, a
+                # step on the param's device when capturable, a CPU scalar otherwise
                 state["step"] = (
                     torch.zeros((), dtype=torch.float32, device=p.device)
-                    if on_device_steps
+                    if fused_steps
+                    else torch.zeros((), dtype=_scalar_dtype(), device=p.device)
+                    if capturable
                     else torch.tensor(0.0, dtype=_scalar_dtype())
                 )
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -207,10 +231,14 @@ class ProxAdam(ProxOptimizer):
                     state["max_exp_avg_sq"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-            elif on_device_steps and (
+            elif fused_steps and (
                 state["step"].device != p.device or state["step"].dtype != torch.float32
             ):
                 state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+            if group["differentiable"] and state["step"].requires_grad:
+                raise RuntimeError(
+                    "`requires_grad` is not supported for `step` in differentiable mode"
+                )
             if group["amsgrad"] and "max_exp_avg_sq" not in state:
                 # amsgrad switched on mid-run: the running max starts from the current v
                 state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
@@ -219,9 +247,10 @@ class ProxAdam(ProxOptimizer):
             if group["amsgrad"]:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(state["step"])
+        if group["fused"]:
+            check_fused_params(params)
         return has_complex
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; returns the closure's loss (``None`` without one)."""
         return self._step_groups(closure, self._step_group)
@@ -231,7 +260,15 @@ class ProxAdam(ProxOptimizer):
         if not probe:
             return
         grads_probe = [p.grad for p in probe]
-        impl = resolve_impl(probe, grads_probe, foreach=group["foreach"], fused=group["fused"])  # type: ignore[arg-type]
+        impl = resolve_impl(
+            probe,  # type: ignore[arg-type]
+            grads_probe,  # type: ignore[arg-type]
+            foreach=group["foreach"],
+            fused=group["fused"],
+            torch_fused_ok=not isinstance(group["betas"][0], Tensor),
+            differentiable=group["differentiable"],
+            capturable=group["capturable"],
+        )
         params: list[Tensor] = []
         grads: list[Tensor] = []
         exp_avgs: list[Tensor] = []
@@ -261,7 +298,23 @@ class ProxAdam(ProxOptimizer):
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             l1=group["l1"],
+            **_eager_flags(impl, group["capturable"], group["differentiable"]),
         )
+
+
+def _squeezed(beta: Any) -> Any:
+    """torch's ``_to_scalar``: a 1-element tensor as a 0-d tensor, anything else as it is."""
+    return beta.squeeze() if isinstance(beta, Tensor) and beta.dim() != 0 else beta
+
+
+def _eager_flags(impl: Impl, capturable: bool, differentiable: bool) -> dict[str, bool]:
+    """``capturable``/``differentiable`` for the eager paths only (the fused kernels take neither:
+    fused with differentiable is refused, and they keep ``step`` on the device themselves)."""
+    if impl == "fused":
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        return {}
+    return {"capturable": capturable, "differentiable": differentiable}
 
 
 class ProxAdamW(ProxAdam):
@@ -280,6 +333,8 @@ class ProxAdamW(ProxAdam):
         l1: L1 strength of the proximal step in Adam's metric (default: 0).
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick).
+        capturable: keep ``step`` on the device for CUDA graphs (see :class:`ProxAdam`).
+        differentiable: autograd through the step (see :class:`ProxAdam`).
         fused: use regoptim's fused kernels (``None``: pick; see :class:`ProxAdam`).
     """
 
@@ -287,7 +342,7 @@ class ProxAdamW(ProxAdam):
         self,
         params: ParamsT,
         lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
@@ -295,6 +350,8 @@ class ProxAdamW(ProxAdam):
         l1: float = 0.0,
         maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
         super().__init__(
@@ -308,6 +365,8 @@ class ProxAdamW(ProxAdam):
             l1=l1,
             maximize=maximize,
             foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
             fused=fused,
         )
 
@@ -344,6 +403,8 @@ def prox_adam(
     eps: float,
     maximize: bool,
     l1: float = 0.0,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> None:
     """Functional ProxAdam: picks the implementation and runs one step. See :class:`ProxAdam`.
 
@@ -351,7 +412,15 @@ def prox_adam(
     """
     if not params:
         return
-    impl = resolve_impl(params, grads, foreach=foreach, fused=fused)
+    impl = resolve_impl(
+        params,
+        grads,
+        foreach=foreach,
+        fused=fused,
+        torch_fused_ok=not isinstance(beta1, Tensor),
+        differentiable=differentiable,
+        capturable=capturable,
+    )
     _IMPLS[impl](
         params,
         grads,
@@ -371,6 +440,7 @@ def prox_adam(
         maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
         l1=l1,
+        **_eager_flags(impl, capturable, differentiable),
     )
 
 
@@ -395,6 +465,8 @@ def _eager_prox_adam(
     maximize: bool,
     decoupled_weight_decay: bool,
     l1: float,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> None:
     # torch.optim's own Adam does everything but the prox, which follows in a second pass that
     # rebuilds the update's denominator from the state torch just wrote.
@@ -413,7 +485,8 @@ def _eager_prox_adam(
         fused=impl == "torch_fused",
         # under torch.compile dynamo sets "capturable" to True in torch's own optimizers' groups;
         # torch's non-capturable foreach Adam does not trace on CPU
-        capturable=torch.compiler.is_compiling(),
+        capturable=capturable or torch.compiler.is_compiling(),
+        differentiable=differentiable,
         has_complex=has_complex,
         decoupled_weight_decay=decoupled_weight_decay,
         amsgrad=amsgrad,
@@ -425,7 +498,7 @@ def _eager_prox_adam(
         maximize=maximize,
     )
     if l1 != 0:
-        _adam_prox_l1_(
+        adam_prox_l1_(
             params,
             max_exp_avg_sqs if amsgrad else exp_avg_sqs,
             state_steps,
@@ -434,99 +507,9 @@ def _eager_prox_adam(
             eps=eps,
             l1=l1,
             foreach=impl in ("foreach", "torch_fused"),
+            on_device_step=capturable or differentiable,
+            differentiable=differentiable,
         )
-
-
-def _adam_prox_l1_(
-    params: list[Tensor],
-    second_moments: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta2: float,
-    eps: float,
-    l1: float,
-    foreach: bool,
-) -> None:
-    """Soft-threshold each weight by ``lr * l1 / d`` with ``d = sqrt(v) / sqrt(1 - beta2^t) + eps``."""
-    compiling = torch.compiler.is_compiling()
-    # under compile: the step tensor in float64 (as float(s) is in eager), no .item() graph break
-    bc2_sqrt = [(1 - beta2 ** (s.double() if compiling else float(s))) ** 0.5 for s in state_steps]
-    real = [i for i, p in enumerate(params) if not p.is_complex()]
-    if foreach and real and not isinstance(lr, Tensor):
-        lists = (
-            [params[i] for i in real],
-            [second_moments[i] for i in real],
-            [bc2_sqrt[i] for i in real],
-        )
-        if all(params[i].device.type == "cpu" for i in real):
-            # CPU: a chain of whole-list foreach ops streams every tensor through memory at each
-            # op; cache-sized blocks keep the temporaries (and p, v) in cache between ops.
-            for block in _cache_blocks(*lists, _PROX_BLOCK_NUMEL):
-                _foreach_adam_prox_(*block, lr * l1, eps)
-        else:
-            _foreach_adam_prox_(*lists, lr * l1, eps)
-        done = set(real)
-    else:
-        done = set()
-    for i, p in enumerate(params):
-        if i in done:
-            continue
-        v = second_moments[i]
-        if p.is_complex():
-            d = (torch.view_as_real(v).sqrt() / bc2_sqrt[i]).add_(eps).mean(dim=-1)
-        else:
-            d = (v.sqrt() / bc2_sqrt[i]).add_(eps)
-        threshold = d.reciprocal_().mul_(on_device(lr, p.device) * l1)
-        soft_threshold_(p, threshold)
-
-
-# Elements per block of the CPU prox pass: p, v and two temporaries of this size (4 MiB in float32)
-# stay in L2/L3 from one foreach op to the next.
-_PROX_BLOCK_NUMEL = 256 * 1024
-
-
-def _foreach_adam_prox_(
-    ps: list[Tensor], vs: list[Tensor], bc2_sqrt: list[float], lr_l1: float, eps: float
-) -> None:
-    """``p -= clamp(p, -t, t)`` with ``t = lr_l1 / (sqrt(v) / bc2_sqrt + eps)``, foreach."""
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denom, bc2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_reciprocal_(denom)
-    torch._foreach_mul_(denom, lr_l1)  # the threshold t = lr * l1 / d
-    clamped = torch._foreach_minimum(ps, denom)
-    torch._foreach_neg_(denom)
-    torch._foreach_maximum_(clamped, denom)
-    torch._foreach_sub_(ps, clamped)
-
-
-def _cache_blocks(
-    ps: list[Tensor], vs: list[Tensor], bc2_sqrt: list[float], numel: int
-) -> Iterator[tuple[list[Tensor], list[Tensor], list[float]]]:
-    """Split the lists into blocks of about ``numel`` elements; a larger tensor is cut into flat
-    chunks when it and its ``v`` are contiguous (elementwise ops do not care where a chunk ends)."""
-    bp: list[Tensor] = []
-    bv: list[Tensor] = []
-    bb: list[float] = []
-    n = 0
-    for p, v, b in zip(ps, vs, bc2_sqrt, strict=True):
-        m = p.numel()
-        if m > numel and p.is_contiguous() and v.is_contiguous():
-            pf, vf = p.view(-1), v.view(-1)
-            pieces = [(pf[s : s + numel], vf[s : s + numel]) for s in range(0, m, numel)]
-        else:
-            pieces = [(p, v)]
-        for pp, vv in pieces:
-            bp.append(pp)
-            bv.append(vv)
-            bb.append(b)
-            n += pp.numel()
-            if n >= numel:
-                yield bp, bv, bb
-                bp, bv, bb, n = [], [], [], 0
-    if bp:
-        yield bp, bv, bb
 
 
 def _fused_prox_adam(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -33,60 +34,94 @@ Impl = Literal["loop", "foreach", "torch_fused", "fused"]
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # numbers.Real covers Python ints/floats and numpy's scalars (np.float32(0.1)), as torch takes
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def validate_non_negative(value: Any, name: str) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite number ``>= 0``."""
+def _check_range(value: float, label: str, name: str) -> None:
+    # torch's rule and text for a negative value, regoptim's own for NaN and inf (torch lets some of
+    # them through); both name the argument and the value
+    if value < 0.0:
+        raise ValueError(f"Invalid {label}: {value}")
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"Invalid {label}: {value} ({name} must be a finite number >= 0)")
+
+
+def validate_non_negative(value: Any, name: str, label: str | None = None) -> None:
+    """Raise unless ``value`` is a finite real number ``>= 0`` (numpy scalars included).
+
+    ``label`` is the wording of torch's message for the same rule (``"epsilon value"`` for
+    ``eps``); by default ``"{name} value"``, as torch says ``Invalid weight_decay value: -1``.
+    """
     if isinstance(value, Tensor):
         raise TypeError(f"Invalid {name}: expected a float, got a Tensor ({value!r})")
     if not _is_number(value):
         raise TypeError(f"Invalid {name}: expected a float, got {type(value).__name__} ({value!r})")
-    if math.isnan(value) or math.isinf(value) or value < 0.0:
-        raise ValueError(f"Invalid {name} value: {value} (must be a finite number >= 0)")
+    _check_range(value, label or f"{name} value", name)
 
 
-def validate_lr(lr: Any) -> None:
-    """A learning rate is a finite float >= 0 or a 1-element tensor holding one."""
+def validate_lr(lr: Any, *, differentiable: bool = False) -> None:
+    """A learning rate is a finite real ``>= 0`` or a 1-element tensor holding one.
+
+    A tensor lr may require grad only with ``differentiable=True`` (the step is then part of the
+    autograd graph; elsewhere it runs under ``no_grad`` and the flag would be a mistake).
+    """
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            raise ValueError(
-                f"Invalid learning rate: a Tensor lr must be 1-element, got {lr.numel()}"
-            )
+            raise ValueError("Tensor lr must be 1-element")
         if lr.is_complex() or not lr.is_floating_point():
             raise ValueError(
                 f"Invalid learning rate: a Tensor lr must be floating point, got {lr.dtype}"
             )
-        if lr.requires_grad:
-            raise ValueError("Invalid learning rate: a Tensor lr must not require grad")
+        if lr.requires_grad and not differentiable:
+            raise ValueError(
+                "Invalid learning rate: a Tensor lr may require grad only with differentiable=True"
+            )
         # read the value only where that is free: not on CUDA (a sync), not while compiling
         if lr.device.type == "cpu" and not torch.compiler.is_compiling():
-            value = float(lr)
-            if math.isnan(value) or math.isinf(value) or value < 0.0:
-                raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
+            _check_range(float(lr.detach()), "learning rate", "lr")
         return
     if not _is_number(lr):
         raise TypeError(
             f"Invalid learning rate: expected a float or Tensor, got {type(lr).__name__}"
         )
-    if math.isnan(lr) or math.isinf(lr) or lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
+    _check_range(lr, "learning rate", "lr")
 
 
-def validate_unit_interval(value: Any, name: str) -> None:
-    """Raise unless ``0 <= value < 1``."""
-    validate_non_negative(value, name)
-    if not value < 1.0:
-        raise ValueError(f"Invalid {name} value: {value} (must be in [0, 1))")
+def validate_betas(betas: Any, *, capturable: bool = False, foreach: bool | None = None) -> None:
+    """torch.optim.Adam's rules for ``betas``, in its order and with its messages.
 
-
-def validate_betas(betas: Any) -> None:
+    Two floats in [0, 1), or two 1-element tensors (then not with ``foreach=True`` unless
+    ``capturable=True``). As torch, ints and numpy float32 scalars are not floats here.
+    """
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: expected a pair of floats, got {betas!r}")
     for i, beta in enumerate(betas):
         if isinstance(beta, Tensor):
-            raise TypeError(f"Invalid beta parameter at index {i}: expected a float, got a Tensor")
-        validate_unit_interval(beta, f"beta parameter at index {i}")
+            if beta.numel() != 1 or beta.device.type != "cpu" or torch.compiler.is_compiling():
+                # not read: torch's comparison fails on several elements (the 1-element rule
+                # below says what is wrong) and would sync on a device
+                continue
+            value: Any = float(beta.detach())
+        elif _is_number(beta):
+            value = beta
+        else:
+            raise TypeError(
+                f"Invalid beta parameter at index {i}: expected a float or Tensor, "
+                f"got {type(beta).__name__} ({beta!r})"
+            )
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            if foreach and not capturable:
+                raise ValueError(
+                    f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
 def validate_flag(value: Any, name: str) -> None:
@@ -124,6 +159,8 @@ def resolve_impl(
     foreach: bool | None,
     fused: bool | None,
     torch_fused_ok: bool = True,
+    differentiable: bool = False,
+    capturable: bool = False,
 ) -> Impl:
     """Pick the implementation of one step for one param group.
 
@@ -132,7 +169,9 @@ def resolve_impl(
     -> what torch would do then (the for-loop). Both ``None``: regoptim's Triton kernels for CUDA
     tensors when triton imports; torch's own fused CPU kernels plus the regularizers' extra pass for
     float32/float64 CPU tensors; torch's default otherwise. Sparse gradients always take a
-    for-loop/foreach path (the fused kernels are dense).
+    for-loop/foreach path (the fused kernels are dense). With neither flag given,
+    ``differentiable=True`` takes the for-loop (autograd through the step) and ``capturable=True``
+    what torch picks (its capturable for-loop/foreach, which never reads the step on the host).
     """
     if any(g.is_sparse for g in grads):
         return "foreach" if foreach else "loop"
@@ -142,8 +181,10 @@ def resolve_impl(
         return "foreach"
     if foreach is not None or fused is not None:
         return "loop"
-    if not params:
+    if not params or differentiable:
         return "loop"
+    if capturable:
+        return _torch_default(params)
     # one pass over the tensors (this runs every step, for every tensor of the group)
     plain = cpu = cuda = torch_fused_dtypes = same_strides = True
     floating = float32 = True
@@ -174,6 +215,10 @@ def resolve_impl(
         if float32 and _cpu_kernel_installed():
             return "fused"
         return "torch_fused"
+    return _torch_default(params)
+
+
+def _torch_default(params: list[Tensor]) -> Impl:
     from torch.optim.optimizer import _default_to_fused_or_foreach
 
     _, use_foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -245,25 +290,12 @@ class ProxOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
-            self._check_new_group(self.param_groups[-1])
+            # devices and dtypes are checked at step time, as torch does: a model built on the
+            # meta device and moved with ``to_empty`` after the optimizer was made is fine
+            self._validate_group(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
-
-    def _check_new_group(self, group: dict[str, Any]) -> None:
-        self._validate_group(group)
-        if not group.get("fused"):
-            return
-        from regoptim._fused import fused_unavailable_reason
-
-        for p in group["params"]:
-            if not (p.is_floating_point() or p.is_complex()):
-                raise RuntimeError(
-                    f"`fused=True` requires floating point parameters, got {p.dtype}"
-                )
-            reason = fused_unavailable_reason(p.device.type)
-            if reason is not None:
-                raise RuntimeError(reason)
 
     def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -271,15 +303,40 @@ class ProxOptimizer(Optimizer):
     def _step_groups(
         self, closure: Callable[[], Any] | None, step_group: Callable[..., None]
     ) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if not torch.compiler.is_compiling():
-                self._validate_group(group)
-            step_group(group)
-        return loss
+        # torch's grad mode for a step: off, or on with ``differentiable=True`` (the step is then
+        # part of the autograd graph). A context manager, not torch's decorator: that one breaks
+        # the graph under torch.compile.
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                if not torch.compiler.is_compiling():
+                    self._validate_group(group)
+                step_group(group)
+            return loss
+
+
+def check_fused_params(params: list[Tensor]) -> None:
+    """Raise, at step time, if ``fused=True`` cannot update ``params`` (a dtype or a device).
+
+    Torch checks here too (not at construction), so an optimizer built over meta-device parameters
+    before ``model.to_empty(device=...)`` works.
+    """
+    if torch.compiler.is_compiling():
+        return
+    from regoptim._fused import fused_unavailable_reason
+
+    device_types = set()
+    for p in params:
+        if not (p.is_floating_point() or p.is_complex()):
+            raise RuntimeError(f"`fused=True` requires floating point parameters, got {p.dtype}")
+        device_types.add(p.device.type)
+    for device_type in sorted(device_types):
+        reason = fused_unavailable_reason(device_type)
+        if reason is not None:
+            raise RuntimeError(reason)
 
 
 def group_tensors(tensorlists: list[list[Tensor | None]]) -> Iterable[tuple[Any, Any]]:

@@ -2,8 +2,6 @@ r"""ProxSGD: torch.optim.SGD with decoupled weight decay and a proximal L1 step.
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +10,11 @@ import torch.optim.sgd as _torch_sgd
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from regoptim._eager_prox import decay_, prox_l1_
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
+    check_fused_params,
     group_tensors,
     on_device,
     resolve_impl,
@@ -24,7 +24,6 @@ from regoptim.optimizer import (
     validate_non_negative,
     validate_optional_flag,
 )
-from regoptim.prox import soft_threshold_
 
 __all__ = ["ProxSGD", "prox_sgd"]
 
@@ -84,10 +83,14 @@ class ProxSGD(ProxOptimizer):
         l1: L1 strength :math:`\kappa` of the proximal soft-threshold step (default: 0).
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick, as torch does).
+        differentiable: run the step with autograd on, as ``torch.optim.SGD(differentiable=True)``
+            does, so gradients flow through it (the prox included); takes the for-loop unless
+            ``foreach=True``, and cannot be combined with ``fused=True`` (default: False).
         fused: use regoptim's fused kernels: Triton on CUDA (also on CPU under
             ``TRITON_INTERPRET=1``), the fused C++ kernel on CPU. ``None`` (default): the Triton
             kernels for CUDA parameters when triton is installed; on CPU, torch's fused SGD kernel
-            with one extra pass for what it lacks (decoupled decay, the prox).
+            with one extra pass for what it lacks (decoupled decay, the prox). The parameters'
+            devices and dtypes are checked when it steps, not at construction, as torch does.
 
     Note:
         Torch's default on CPU is a for-loop; regoptim's default there calls torch's fused CPU
@@ -99,15 +102,16 @@ class ProxSGD(ProxOptimizer):
         self,
         params: ParamsT,
         lr: float | Tensor = 1e-3,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
         nesterov: bool = False,
         *,
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
         maximize: bool = False,
         foreach: bool | None = None,
+        differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
         defaults: dict[str, Any] = {
@@ -121,12 +125,13 @@ class ProxSGD(ProxOptimizer):
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
-            "differentiable": False,
+            "differentiable": differentiable,
         }
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        validate_lr(group["lr"])
+        validate_flag(group["differentiable"], "differentiable")
+        validate_lr(group["lr"], differentiable=group["differentiable"])
         validate_non_negative(group["momentum"], "momentum")
         validate_non_negative(group["dampening"], "dampening")
         if group["dampening"] > 1.0:
@@ -143,6 +148,8 @@ class ProxSGD(ProxOptimizer):
                 "Nesterov momentum requires a momentum and zero dampening "
                 f"(got momentum={group['momentum']}, dampening={group['dampening']})"
             )
+        if group["fused"] and group["differentiable"]:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if group["fused"] and group["foreach"]:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
@@ -173,9 +180,10 @@ class ProxSGD(ProxOptimizer):
             has_sparse_grad |= p.grad.is_sparse
             if group["momentum"] != 0:
                 momentum_buffer_list.append(self.state[p].get("momentum_buffer"))
+        if group["fused"]:
+            check_fused_params(params)
         return has_sparse_grad
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; returns the closure's loss (``None`` without one)."""
         return self._step_groups(closure, self._step_group)
@@ -202,6 +210,7 @@ class ProxSGD(ProxOptimizer):
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             l1=group["l1"],
+            differentiable=group["differentiable"],
         )
         if group["momentum"] != 0:
             for p, buf in zip(params, momentum_buffer_list, strict=True):
@@ -227,6 +236,7 @@ def prox_sgd(
     maximize: bool,
     decoupled_weight_decay: bool = False,
     l1: float = 0.0,
+    differentiable: bool = False,
 ) -> None:
     """Functional ProxSGD: picks the implementation and runs one step. See :class:`ProxSGD`.
 
@@ -240,7 +250,9 @@ def prox_sgd(
             "ProxSGD: coupled weight_decay does not support sparse gradients (neither does "
             "torch.optim.SGD); use decoupled_weight_decay=True or dense gradients"
         )
-    impl = resolve_impl(params, grads, foreach=foreach, fused=fused)
+    impl = resolve_impl(params, grads, foreach=foreach, fused=fused, differentiable=differentiable)
+    if differentiable and impl == "fused":
+        raise RuntimeError("`fused` does not support `differentiable`")
     func = {
         "loop": _single_tensor_prox_sgd,
         "foreach": _multi_tensor_prox_sgd,
@@ -262,6 +274,8 @@ def prox_sgd(
         has_sparse_grad=has_sparse_grad,
         decoupled_weight_decay=decoupled_weight_decay,
         l1=l1,
+        # only the eager paths take the flag (the fused kernels refuse it above)
+        **({"differentiable": True} if differentiable else {}),
     )
 
 
@@ -282,6 +296,7 @@ def _eager_prox_sgd(
     has_sparse_grad: bool,
     decoupled_weight_decay: bool,
     l1: float,
+    differentiable: bool = False,
 ) -> None:
     # torch.optim's own SGD does steps 1, 2 and 4; regoptim adds 3 (decoupled decay, which may
     # run before torch's step because, decoupled, the gradient no longer depends on the weights)
@@ -291,7 +306,7 @@ def _eager_prox_sgd(
     ):
         return
     if weight_decay != 0 and decoupled_weight_decay:
-        _decay_(params, lr, weight_decay, foreach=impl == "foreach")
+        decay_(params, lr, weight_decay, foreach=impl == "foreach")
     _torch_sgd.sgd(
         params,
         grads,
@@ -307,7 +322,13 @@ def _eager_prox_sgd(
         maximize=maximize,
     )
     if l1 != 0:
-        _prox_l1_(params, lr, l1, foreach=impl in ("foreach", "torch_fused"))
+        prox_l1_(
+            params,
+            lr,
+            l1,
+            foreach=impl in ("foreach", "torch_fused"),
+            differentiable=differentiable,
+        )
 
 
 def _single_tensor_prox_sgd(*args: Any, **kwargs: Any) -> None:
@@ -442,65 +463,3 @@ def _for_each_first_step_split(
         run([params[i] for i in idx], [grads[i] for i in idx], sub_bufs)
         for i, b in zip(idx, sub_bufs, strict=True):
             bufs[i] = b
-
-
-def _decay_(
-    params: list[Tensor], lr: float | Tensor, weight_decay: float, *, foreach: bool
-) -> None:
-    factor = 1 - lr * weight_decay
-    if foreach:
-        for (device, _), ((dps,), _) in group_tensors([params]):
-            torch._foreach_mul_(dps, on_device(factor, device))  # type: ignore[arg-type]
-    else:
-        for p in params:
-            p.mul_(factor)
-
-
-def _prox_l1_(params: list[Tensor], lr: float | Tensor, l1: float, *, foreach: bool) -> None:
-    threshold = lr * l1
-    real = [p for p in params if not p.is_complex()]
-    for p in params:
-        if p.is_complex():
-            soft_threshold_(p, on_device(threshold, p.device))
-    if foreach and real and not isinstance(threshold, Tensor):
-        for (device, dtype), ((dps,), _) in group_tensors([real]):  # type: ignore[list-item]
-            if device.type == "cpu" and _softshrink_is_prox(dtype):
-                # one pass per tensor instead of three foreach passes and a temporary
-                for p in dps:
-                    _softshrink(p, threshold, out=p)  # type: ignore[misc]
-                continue
-            # p - clamp(p, -t, t): soft-thresholding with exact zeros (see regoptim.prox)
-            clamped = torch._foreach_clamp_min(dps, -threshold)  # type: ignore[arg-type]
-            torch._foreach_clamp_max_(clamped, threshold)
-            torch._foreach_sub_(dps, clamped)  # type: ignore[arg-type]
-    else:
-        for p in real:
-            soft_threshold_(p, on_device(threshold, p.device))
-
-
-# aten's softshrink with an ``out=`` argument (the public functional API has none)
-_softshrink = getattr(torch._C._nn, "softshrink", None)
-
-
-@functools.cache
-def _softshrink_is_prox(dtype: torch.dtype) -> bool:
-    """Whether ``aten.softshrink(x, t, out=x)`` on CPU is exactly ``x - clamp(x, -t, t)`` for ``dtype``.
-
-    It is one pass where the clamp form is three foreach passes and a temporary, but torch before
-    2.6 maps NaN to 0 (pytorch#138385), which the prox must not do. Checked once per dtype, on an
-    input long enough for both the vectorized body and the scalar tail; limited to float32 and
-    float64, where both forms round the threshold to the tensor's dtype alike.
-    """
-    if _softshrink is None or dtype not in (torch.float32, torch.float64):
-        return False
-    vals = [math.nan, math.inf, -math.inf, 0.0, -0.0, 0.5, -0.5, 0.25, -0.25, 1.0, -1.0, 3.0]
-    x = torch.tensor(vals * 6, dtype=dtype)
-    try:
-        y = torch.empty_like(x)
-        _softshrink(x, 0.5, out=y)
-    except (RuntimeError, TypeError):
-        return False
-    ref = x - x.clamp(-0.5, 0.5)
-    return bool(
-        torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(), ref.nan_to_num())
-    )

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 import regoptim
@@ -24,7 +25,8 @@ class OptimInfo:
     configs: list[dict[str, Any]]
     # configurations with regularization off (compared with torch.optim, bit for bit)
     torch_configs: list[dict[str, Any]]
-    # (kwargs, exception type, regex the message must match)
+    # (kwargs, exception type, regex the message must match); where torch.optim makes the same
+    # check, the message is torch's (tests/test_torch_generic.py also runs torch's own error inputs)
     error_inputs: list[tuple[dict[str, Any], type[Exception], str]] = field(default_factory=list)
     # keys the torch counterpart does not know
     extra_keys: tuple[str, ...] = ()
@@ -85,18 +87,29 @@ def _adam_configs(reg: bool, adamw: bool) -> list[dict[str, Any]]:
 
 
 _COMMON_ERRORS: list[tuple[dict[str, Any], type[Exception], str]] = [
-    ({"lr": -1.0}, ValueError, r"learning rate: -1\.0"),
+    ({"lr": -1.0}, ValueError, r"^Invalid learning rate: -1\.0$"),
+    ({"lr": torch.tensor(-1.0)}, ValueError, r"^Invalid learning rate: -1\.0$"),
     ({"lr": float("nan")}, ValueError, r"learning rate: nan"),
     ({"lr": float("inf")}, ValueError, r"learning rate: inf"),
-    ({"lr": torch.tensor([0.1, 0.2])}, ValueError, r"learning rate.*1-element"),
-    ({"weight_decay": -0.1}, ValueError, r"weight_decay value: -0\.1"),
+    ({"lr": torch.tensor([0.1, 0.2])}, ValueError, r"^Tensor lr must be 1-element$"),
+    ({"lr": torch.tensor(0.1, requires_grad=True)}, ValueError, r"differentiable=True"),
+    ({"lr": np.int64(-1)}, ValueError, r"^Invalid learning rate: -1$"),
+    ({"weight_decay": -0.1}, ValueError, r"^Invalid weight_decay value: -0\.1$"),
+    ({"weight_decay": np.float32(-0.5)}, ValueError, r"^Invalid weight_decay value: -0\.5$"),
     ({"weight_decay": float("nan")}, ValueError, r"weight_decay value: nan"),
     ({"l1": -1e-3}, ValueError, r"l1 value: -0\.001"),
     ({"l1": float("inf")}, ValueError, r"l1 value: inf"),
     ({"l1": float("nan")}, ValueError, r"l1 value: nan"),
     ({"l1": "0.1"}, TypeError, r"l1: expected a float"),
+    ({"l1": np.bool_(True)}, TypeError, r"l1: expected a float"),
     ({"maximize": 1}, TypeError, r"maximize: expected a bool"),
+    ({"differentiable": None}, TypeError, r"differentiable: expected a bool, got None"),
     ({"foreach": True, "fused": True}, RuntimeError, r"`fused` and `foreach` cannot be `True`"),
+    (
+        {"fused": True, "differentiable": True},
+        RuntimeError,
+        r"`fused` does not support `differentiable`",
+    ),
     ({"l2": 0.1}, TypeError, r"l2"),
 ]
 
@@ -109,25 +122,40 @@ SGD = OptimInfo(
     torch_configs=_sgd_configs(reg=False),
     error_inputs=_COMMON_ERRORS
     + [
-        ({"momentum": -0.5}, ValueError, r"momentum value: -0\.5"),
+        ({"momentum": -0.5}, ValueError, r"^Invalid momentum value: -0\.5$"),
         ({"momentum": float("nan")}, ValueError, r"momentum value: nan"),
         ({"momentum": float("inf")}, ValueError, r"momentum value: inf"),
         ({"dampening": 1.5}, ValueError, r"dampening value: 1\.5"),
-        ({"nesterov": True}, ValueError, r"Nesterov.*momentum=0\.0"),
+        (
+            {"nesterov": True},
+            ValueError,
+            r"^Nesterov momentum requires a momentum and zero dampening \(got momentum=0, dampening=0\)$",
+        ),
         ({"nesterov": True, "momentum": 0.9, "dampening": 0.1}, ValueError, r"dampening=0\.1"),
     ],
     extra_keys=("decoupled_weight_decay", "l1"),
 )
 
 _ADAM_ERRORS = _COMMON_ERRORS + [
-    ({"eps": -1e-8}, ValueError, r"eps value: -1e-08"),
-    ({"eps": float("nan")}, ValueError, r"eps value: nan"),
-    ({"betas": (1.0, 0.999)}, ValueError, r"beta parameter at index 0 value: 1\.0"),
-    ({"betas": (0.9, -0.1)}, ValueError, r"beta parameter at index 1 value: -0\.1"),
-    ({"betas": (0.9, float("nan"))}, ValueError, r"beta parameter at index 1 value: nan"),
+    ({"eps": -1e-8}, ValueError, r"^Invalid epsilon value: -1e-08$"),
+    ({"eps": float("nan")}, ValueError, r"^Invalid epsilon value: nan \(eps must be"),
+    ({"betas": (1.0, 0.999)}, ValueError, r"^Invalid beta parameter at index 0: 1\.0$"),
+    ({"betas": (0.9, -0.1)}, ValueError, r"^Invalid beta parameter at index 1: -0\.1$"),
+    ({"betas": (0.9, float("nan"))}, ValueError, r"^Invalid beta parameter at index 1: nan$"),
+    ({"betas": (torch.tensor(1.0), torch.tensor(0.9))}, ValueError, r"^Invalid beta parameter at index 0: 1\.0$"),
+    ({"betas": (0.9, "0.99")}, TypeError, r"beta parameter at index 1: expected a float or Tensor, got str"),
     ({"betas": (0.9,)}, ValueError, r"betas"),
-    ({"lr": torch.tensor(0.01), "foreach": True}, ValueError, r"Tensor lr.*foreach=True"),
-]
+    # torch's rules: both floats (not ints, not numpy float32) or both tensors
+    ({"betas": (0, 0.999)}, ValueError, r"^betas must be either both floats or both Tensors$"),
+    ({"betas": (np.float32(0.9), np.float32(0.99))}, ValueError, r"^betas must be either both floats"),
+    ({"betas": (torch.tensor(0.9), 0.99)}, ValueError, r"^betas must be either both floats"),
+    ({"betas": (torch.tensor(0.9), torch.tensor([0.9, 0.99]))}, ValueError, r"^Tensor betas\[1\] must be 1-element$"),
+    ({"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True}, ValueError,
+     r"^betas\[0\] as a Tensor is not supported for capturable=False and foreach=True$"),
+    ({"lr": torch.tensor(0.01), "foreach": True}, ValueError,
+     r"^lr as a Tensor is not supported for capturable=False and foreach=True$"),
+    ({"capturable": 1}, TypeError, r"capturable: expected a bool, got 1"),
+]  # fmt: skip
 
 ADAM = OptimInfo(
     name="ProxAdam",

@@ -54,17 +54,44 @@ def test_value_changed_between_steps_is_checked_before_the_update(info, key, val
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
-def test_fused_on_unsupported_device_says_what_it_needs(info):
-    p = torch.nn.Parameter(torch.ones(3, device="meta"))
-    with pytest.raises(RuntimeError, match="fused=True supports CUDA tensors"):
-        info.cls([p], fused=True)
+def test_fused_with_meta_params_builds_and_steps_after_to_empty(info):
+    """As torch: the device is checked at step time, so the optimizer can be built before
+    ``model.to_empty(device=...)`` moves a meta-device model onto a real device (swapping the
+    tensors in place, so the optimizer's parameters are the model's)."""
+    model = torch.nn.Linear(3, 2, device="meta")
+    opt = info.cls(model.parameters(), lr=0.1, fused=True)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert opt.param_groups[0]["params"][0] is model.weight
+    torch.nn.init.ones_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert not torch.equal(model.weight, torch.ones(2, 3))
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
-def test_fused_rejects_integer_params(info):
+def test_fused_on_unsupported_device_says_what_it_needs_at_step(info):
+    p = torch.nn.Parameter(torch.ones(3, device="meta"))
+    opt = info.cls([p], fused=True)
+    p.grad = torch.ones(3, device="meta")
+    with pytest.raises(RuntimeError, match="fused=True supports CUDA tensors"):
+        opt.step()
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_fused_rejects_integer_params_at_step(info):
     p = torch.ones(3, dtype=torch.int64)
+    opt = info.cls([p], fused=True)
+    p.grad = torch.ones(3, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="floating point"):
-        info.cls([p], fused=True)
+        opt.step()
+    assert torch.equal(p, torch.ones(3, dtype=torch.int64))
 
 
 def test_sparse_gradients_rejected_by_adam_with_clear_message():
