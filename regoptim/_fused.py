@@ -10,15 +10,55 @@ Both backends expose the same two functions with the signatures below; the optim
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Callable, Iterator
 
+import torch
 from torch import Tensor
 
-__all__ = ["fused_backend", "fused_prox_adam_", "fused_prox_sgd_", "fused_unavailable_reason"]
+__all__ = [
+    "call_fused",
+    "fused_backend",
+    "fused_prox_adam_",
+    "fused_prox_sgd_",
+    "fused_unavailable_reason",
+    "native_cpu_backend",
+]
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and not _NATIVE_CPU.get()
+
+
+# Set while the *default* path (no ``fused`` argument) runs a fused step: CPU tensors then take
+# the compiled C++ kernel even under TRITON_INTERPRET=1, which only redirects an explicit
+# ``fused=True`` (how the Triton kernels are validated without a GPU).
+_NATIVE_CPU: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "regoptim_native_cpu", default=False
+)
+
+
+@contextlib.contextmanager
+def native_cpu_backend(active: bool = True) -> Iterator[None]:
+    """Within: CPU tensors take the C++ kernel whatever ``TRITON_INTERPRET`` says (if ``active``)."""
+    token = _NATIVE_CPU.set(active)
+    try:
+        yield
+    finally:
+        _NATIVE_CPU.reset(token)
+
+
+def call_fused(call: Callable[[], None], *, default_path: bool) -> None:
+    """Run ``call`` (a fused step); on the default path (no ``fused`` argument) CPU tensors take
+    the C++ kernel even under ``TRITON_INTERPRET=1``. Never while compiling: the default path
+    takes no fused CPU kernel then, and dynamo does not trace a ContextVar."""
+    if default_path and not torch.compiler.is_compiling():
+        with native_cpu_backend():
+            call()
+    else:
+        call()
 
 
 def fused_backend(device_type: str) -> str:

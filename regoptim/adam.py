@@ -2,6 +2,7 @@ r"""ProxAdam and ProxAdamW: torch.optim.Adam/AdamW with a proximal L1 step in Ad
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from regoptim._eager_prox import adam_prox_l1_
+from regoptim._fused import call_fused
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -279,7 +281,8 @@ class ProxAdam(ProxOptimizer):
             group, impl, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
         )
         beta1, beta2 = group["betas"]
-        _IMPLS[impl](
+        step = functools.partial(
+            _IMPLS[impl],
             params,
             grads,
             exp_avgs,
@@ -300,6 +303,7 @@ class ProxAdam(ProxOptimizer):
             l1=group["l1"],
             **_eager_flags(impl, group["capturable"], group["differentiable"]),
         )
+        call_fused(step, default_path=impl == "fused" and group["fused"] is None)
 
 
 def _squeezed(beta: Any) -> Any:
@@ -421,7 +425,8 @@ def prox_adam(
         differentiable=differentiable,
         capturable=capturable,
     )
-    _IMPLS[impl](
+    step = functools.partial(
+        _IMPLS[impl],
         params,
         grads,
         exp_avgs,
@@ -442,6 +447,7 @@ def prox_adam(
         l1=l1,
         **_eager_flags(impl, capturable, differentiable),
     )
+    call_fused(step, default_path=impl == "fused" and fused is None)
 
 
 def _eager_prox_adam(

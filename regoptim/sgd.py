@@ -2,6 +2,7 @@ r"""ProxSGD: torch.optim.SGD with decoupled weight decay and a proximal L1 step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from regoptim._eager_prox import decay_, prox_l1_
+from regoptim._fused import call_fused
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -259,7 +261,8 @@ def prox_sgd(
         "torch_fused": _torch_fused_prox_sgd,
         "fused": _fused_prox_sgd,
     }[impl]
-    func(
+    step = functools.partial(
+        func,
         params,
         grads,
         momentum_buffer_list,
@@ -277,6 +280,7 @@ def prox_sgd(
         # only the eager paths take the flag (the fused kernels refuse it above)
         **({"differentiable": True} if differentiable else {}),
     )
+    call_fused(step, default_path=impl == "fused" and fused is None)
 
 
 def _eager_prox_sgd(
