@@ -128,9 +128,9 @@ def run_case(
 
     A sample is ``k`` consecutive steps timed together, divided by ``k``. The gradients are
     regenerated (untimed) before each sample, and the ``k`` steps of a sample reuse them. ``k`` is
-    1 for large cases; for small ones (a step far shorter than ``min_sample_seconds``) it is
     calibrated once per case, after the warmup, from the fastest implementation's step, so that a
-    sample lasts ``min_sample_seconds`` at least and the timer's resolution and overhead vanish;
+    sample lasts ``min_sample_seconds`` at least: 1 for the large cases whose step lasts that long
+    already, tens to hundreds for the small models and the timer's resolution and overhead vanish;
     when interleaved, all implementations of a case use the same ``k``. With ``timer="do_bench"`` (CUDA) each
     implementation is timed by ``triton.testing.do_bench`` instead, without gradient regeneration
     (do_bench flushes the L2 cache between calls).

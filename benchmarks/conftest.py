@@ -13,7 +13,7 @@ option                 environment                    default
 --bench-dtype          REGOPTIM_BENCH_DTYPE           float32
 --bench-impls          REGOPTIM_BENCH_IMPLS           the device's rows (_common.DEFAULT_IMPLS)
 --bench-rounds         REGOPTIM_BENCH_ROUNDS          10 timed rounds per test
---bench-min-round-ms   REGOPTIM_BENCH_MIN_ROUND_MS    5 (small cases: k steps per round)
+--bench-min-round-ms   REGOPTIM_BENCH_MIN_ROUND_MS    2 (small cases: k steps per round)
 --bench-threads        REGOPTIM_BENCH_THREADS         all cores (torch.set_num_threads)
 --bench-device         REGOPTIM_BENCH_DEVICE          cpu
 =====================  =============================  ===========================================
@@ -37,7 +37,7 @@ _OPTIONS = {
     "dtype": ("REGOPTIM_BENCH_DTYPE", "float32"),
     "impls": ("REGOPTIM_BENCH_IMPLS", ""),
     "rounds": ("REGOPTIM_BENCH_ROUNDS", "10"),
-    "min-round-ms": ("REGOPTIM_BENCH_MIN_ROUND_MS", "5"),
+    "min-round-ms": ("REGOPTIM_BENCH_MIN_ROUND_MS", "2"),
     "threads": ("REGOPTIM_BENCH_THREADS", str(os.cpu_count() or 1)),
     "device": ("REGOPTIM_BENCH_DEVICE", "cpu"),
 }

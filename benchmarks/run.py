@@ -75,7 +75,7 @@ from benchmarks._runner import Result, do_bench_available, run_case  # noqa: E40
 
 DEFAULT_OUT = HERE / "RESULTS.md"
 DEFAULTS = {
-    "cpu": {"preset": "cpu", "repeat": 15, "min_sample_ms": 5.0},
+    "cpu": {"preset": "cpu", "repeat": 15, "min_sample_ms": 2.0},
     "cuda": {"preset": "cuda", "repeat": 30, "min_sample_ms": 0.0},
 }
 SMOKE = {"preset": "smoke", "repeat": 1, "warmup": 1, "min_sample_ms": 1.0, "triad_numel": "1M"}
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--min-sample-ms",
         type=float,
         help="time k steps per sample so that a sample lasts this long (small cases; "
-        "default 5 on CPU, 0 = one step per sample on CUDA)",
+        "default 2 on CPU, 0 = one step per sample on CUDA)",
     )
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: all cores)")
     ap.add_argument(
@@ -162,6 +162,9 @@ def render(
     lines += [f"- {k}: {v}" for k, v in info.items()]
     families = sorted({r.family for r in results})
     lines.append("- families: " + "; ".join(f"{f} = {FAMILY_TITLES[f]}" for f in families))
+    for family in families:
+        labels = dict.fromkeys(f"{r.impl} = {r.label}" for r in results if r.family == family)
+        lines.append(f"- rows ({family}): " + "; ".join(labels))
     lines.append(
         "- x torch-fused: median time per step / torch-fused's in the same run (< 1: faster); "
         "k: steps timed together per sample (same gradients), time per step = sample / k"
