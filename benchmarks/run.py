@@ -214,7 +214,8 @@ def render(
 
 def update_results_file(path: Path, key: str, section: str) -> None:
     """Replace the section ``key`` of ``path`` (between markers), keeping everything else. A CPU
-    section from before sections were keyed by capability (key ``cpu``) is dropped."""
+    section from before sections were keyed by capability (key ``cpu``) is replaced by the first
+    ``cpu-*`` section written, in place."""
     start, end = (f"<!-- benchmarks/run.py {key} {edge} -->" for edge in ("start", "end"))
     block = f"{start}\n{section}\n{end}"
     if path.exists():
@@ -223,7 +224,8 @@ def update_results_file(path: Path, key: str, section: str) -> None:
             old_start, old_end = (f"<!-- benchmarks/run.py cpu {e} -->" for e in ("start", "end"))
             i, j = text.find(old_start), text.find(old_end)
             if i >= 0 and j > i:
-                text = text[:i].rstrip("\n") + "\n\n" + text[j + len(old_end) :].lstrip("\n")
+                stub = "" if start in text else f"{start}\n{end}"
+                text = text[:i] + stub + text[j + len(old_end) :]
         i, j = text.find(start), text.find(end)
         if i >= 0 and j > i:
             text = text[:i] + block + text[j + len(end) :]
