@@ -1,5 +1,7 @@
-"""Shared by the pytest-benchmark suite and ``benchmarks/run.py``: the parameter lists, the table of
-implementations, the bytes-moved model, the timers and the machine description.
+"""Shared by the pytest-benchmark suite and ``benchmarks/run.py``: the hyperparameters, the table of
+implementations, the size presets, the parameter lists and the bytes-moved model. The timers and
+the interleaved runner are in ``benchmarks/_runner.py``, the machine description and the
+bandwidth ceiling in ``benchmarks/_machine.py``.
 
 Bytes-moved model
 -----------------
@@ -21,17 +23,9 @@ torch.optim.
 
 from __future__ import annotations
 
-import gc
-import os
-import platform
 import re
-import statistics
-import subprocess
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,8 +33,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 import regoptim
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # --- hyperparameters of the two families (issue 4) ---------------------------------------------
 
@@ -94,14 +86,23 @@ class Impl:
     unavailable: Callable[[torch.device], str | None] = lambda device: None
 
 
-IMPL_KEYS = (
-    "torch-loop",
-    "torch-foreach",
+IMPL_KEYS = (  # every implementation the table knows; the baseline first
     "torch-fused",
     "regoptim-default",
     "regoptim-default-noreg",
     "regoptim-fused",
+    "torch-loop",
+    "torch-foreach",
 )
+
+# The rows of the issue's goals, per family: ratios to torch's fused step without regularizers
+# (same momentum / weight decay, no L1), for regoptim's default path with L1 and weight decay,
+# its default path with L1 off, its fused=True path, and torch's own default implementation
+# (the for-loop on CPU, foreach on CUDA).
+DEFAULT_IMPLS = {
+    "cpu": IMPL_KEYS[:5],
+    "cuda": IMPL_KEYS[:4] + ("torch-foreach",),
+}
 
 IMPLS: dict[str, dict[str, Impl]] = {
     "sgd": {
@@ -114,14 +115,16 @@ IMPLS: dict[str, dict[str, Impl]] = {
             "torch-foreach", "torch.optim.SGD(foreach=True)", lambda ps: _sgd(ps, foreach=True)
         ),
         "torch-fused": Impl(
-            "torch-fused", "torch.optim.SGD(fused=True)", lambda ps: _sgd(ps, fused=True)
+            "torch-fused",
+            "torch.optim.SGD(fused=True), the baseline",
+            lambda ps: _sgd(ps, fused=True),
         ),
         "regoptim-default": Impl(
             "regoptim-default", f"ProxSGD(l1={L1:g}) default path", lambda ps: _prox_sgd(ps, L1)
         ),
         "regoptim-default-noreg": Impl(
             "regoptim-default-noreg",
-            "ProxSGD(l1=0) default path",
+            "ProxSGD(l1=0) default path: L1 off, weight decay as torch",
             lambda ps: _prox_sgd(ps, 0.0),
         ),
         "regoptim-fused": Impl(
@@ -143,7 +146,9 @@ IMPLS: dict[str, dict[str, Impl]] = {
             lambda ps: _adamw(ps, foreach=True),
         ),
         "torch-fused": Impl(
-            "torch-fused", "torch.optim.AdamW(fused=True)", lambda ps: _adamw(ps, fused=True)
+            "torch-fused",
+            "torch.optim.AdamW(fused=True), the baseline",
+            lambda ps: _adamw(ps, fused=True),
         ),
         "regoptim-default": Impl(
             "regoptim-default",
@@ -152,7 +157,7 @@ IMPLS: dict[str, dict[str, Impl]] = {
         ),
         "regoptim-default-noreg": Impl(
             "regoptim-default-noreg",
-            "ProxAdamW(l1=0) default path",
+            "ProxAdamW(l1=0) default path: L1 off, weight decay as torch",
             lambda ps: _prox_adamw(ps, 0.0),
         ),
         "regoptim-fused": Impl(
@@ -184,13 +189,35 @@ def parse_list(text: str | Iterable[str], parse: Callable[[str], Any] = str) -> 
 
 
 def format_count(n: int) -> str:
+    """``16777216`` -> ``16M``; counts that are no whole binary unit print as they are: ``20000``."""
     for suffix, unit in (("B", 2**30), ("M", 2**20), ("K", 2**10)):
         if n >= unit and n % unit == 0:
             return f"{n // unit}{suffix}"
-    for suffix, unit in (("B", 2**30), ("M", 2**20), ("K", 2**10)):
-        if n >= unit:
-            return f"{n / unit:.1f}{suffix}"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f}M"
     return str(n)
+
+
+def parse_case(text: str) -> tuple[int, int]:
+    """``"16M/1024"`` -> (16 * 2**20 params, 1024 tensors); ``"400000/400"``: 400 x 1000."""
+    numel, sep, tensors = text.partition("/")
+    if not sep:
+        raise ValueError(f"not a case: {text!r} (use TOTAL/TENSORS, e.g. 16M/64 or 20000/4)")
+    return parse_count(numel), int(tensors)
+
+
+# Size presets, TOTAL/TENSORS. The small CPU cases are the issue's small models: 4 x 5000,
+# 100 x 100 and 400 x 1000 elements (tensors x elements each); they stay in cache between steps,
+# so their us/step measures the per-step and per-tensor overhead, not memory bandwidth.
+CPU_LARGE = "16M/4,16M/64,16M/1024"
+CPU_SMALL = "20000/4,10000/100,400000/400"
+PRESETS = {
+    "cpu": f"{CPU_LARGE},{CPU_SMALL}",
+    "cpu-large": CPU_LARGE,
+    "cpu-small": CPU_SMALL,
+    "cuda": ",".join(f"{n}/{t}" for n in ("1M", "10M", "100M", "1B") for t in (100, 500)),
+    "smoke": "16K/1,16K/4,2000/10",
+}
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -256,257 +283,3 @@ def case_bytes(family: str, numel: int, dtype: torch.dtype, n_impls: int) -> int
     """Memory a case holds: params + grads, plus one state per live implementation."""
     size = torch.empty((), dtype=dtype).element_size()
     return numel * size * (2 + state_tensors_per_param(family) * n_impls)
-
-
-# --- timing ---------------------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Timer:
-    """Times one call. CPU: ``time.perf_counter`` (wall), or with ``cpu_time`` the process's CPU
-    time (``time.process_time``: all threads, so use it with one thread, where it is the work of
-    the step without the time the process spent descheduled on a busy machine); CUDA: CUDA events
-    after a synchronize."""
-
-    def __init__(self, device: torch.device, cpu_time: bool = False) -> None:
-        self.device = device
-        self.clock = time.process_time if cpu_time else time.perf_counter
-        if device.type == "cuda":
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-
-    def __call__(self, fn: Callable[[], Any]) -> float:
-        """Seconds taken by ``fn()``."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._start.record()
-            fn()
-            self._end.record()
-            self._end.synchronize()
-            return self._start.elapsed_time(self._end) / 1e3
-        t0 = self.clock()
-        fn()
-        return self.clock() - t0
-
-
-def do_bench_available() -> bool:
-    try:
-        import triton.testing  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def do_bench_seconds(fn: Callable[[], Any], rep_ms: int = 200) -> float:
-    """Median seconds of ``fn`` by ``triton.testing.do_bench`` (flushes L2 between calls)."""
-    from triton.testing import do_bench
-
-    try:
-        ms = do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-    except TypeError:  # older triton without return_mode
-        ms = do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5])
-    return float(ms) / 1e3
-
-
-@dataclass
-class Result:
-    family: str
-    impl: str
-    label: str
-    dtype: torch.dtype
-    numel: int
-    tensors: int
-    times: list[float] = field(default_factory=list)  # seconds per step
-    note: str = ""
-
-    @property
-    def median(self) -> float | None:
-        return statistics.median(self.times) if self.times else None
-
-    def quartiles(self) -> tuple[float, float] | None:
-        if len(self.times) < 4:
-            return None
-        q = statistics.quantiles(self.times, n=4)
-        return q[0], q[2]
-
-
-def run_case(
-    family: str,
-    impl_keys: list[str],
-    numel: int,
-    tensors: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    *,
-    repeat: int,
-    warmup: int,
-    timer: str = "perf",  # "perf", "cpu", "events" or "do_bench"
-    memory_budget: int | None = None,
-    log: Callable[[str], None] = lambda s: None,
-) -> list[Result]:
-    """Time each implementation's step on one parameter list (shared by all of them).
-
-    The implementations share the parameters and gradients and each has its own optimizer state.
-    When all the states fit in ``memory_budget`` (bytes), the implementations are interleaved: each
-    round times one step of every implementation, in an order rotated from round to round, with
-    the gradients regenerated (untimed) before every step, so that load on the machine hits all of
-    them alike. Otherwise they run one after the other, each state freed before the next. With
-    ``timer="do_bench"`` (CUDA) each implementation is timed by ``triton.testing.do_bench``
-    instead, without gradient regeneration (do_bench flushes the L2 cache between calls).
-    """
-    results: dict[str, Result] = {}
-    live: list[str] = []
-    for key in impl_keys:
-        impl = IMPLS[family][key]
-        res = Result(family, key, impl.label, dtype, numel, tensors)
-        results[key] = res
-        reason = impl.unavailable(device)
-        if reason is not None:
-            res.note = "unavailable: " + reason.splitlines()[0][:120]
-        else:
-            live.append(key)
-    params = make_params(numel, tensors, dtype, device)
-    gen = torch.Generator(device=device).manual_seed(1)
-    time_one = Timer(device, cpu_time=timer == "cpu")
-
-    def prepare(key: str) -> Optimizer | None:
-        try:
-            opt = IMPLS[family][key].make(params)
-            for _ in range(max(warmup, 1)):  # the first step creates the state
-                regen_grads(params, gen)
-                opt.step()
-            sync(device)
-            return opt
-        except Exception as exc:  # report, don't abort the whole matrix
-            results[key].note = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            return None
-
-    interleave = timer != "do_bench" and (
-        memory_budget is None or case_bytes(family, numel, dtype, len(live)) <= memory_budget
-    )
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        if interleave:
-            opts = {k: o for k in live if (o := prepare(k)) is not None}
-            order = list(opts)
-            for r in range(repeat):
-                shift = r % len(order) if order else 0
-                for key in order[shift:] + order[:shift]:
-                    regen_grads(params, gen)
-                    sync(device)
-                    results[key].times.append(time_one(opts[key].step))
-                log(f"  round {r + 1}/{repeat}")
-            del opts
-        else:
-            for key in live:
-                opt = prepare(key)
-                if opt is None:
-                    continue
-                if timer == "do_bench":
-                    results[key].times.append(do_bench_seconds(opt.step))
-                else:
-                    for _ in range(repeat):
-                        regen_grads(params, gen)
-                        sync(device)
-                        results[key].times.append(time_one(opt.step))
-                del opt
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return [results[k] for k in impl_keys]
-
-
-def copy_bandwidth(device: torch.device, numel: int = 64 * 2**20, repeat: int = 5) -> float:
-    """GB/s of ``dst.copy_(src)`` on float32 buffers (reads + writes), a ceiling for one pass."""
-    src = torch.ones(numel, device=device)
-    dst = torch.empty_like(src)
-    timer = Timer(device)
-    dst.copy_(src)
-    times = [timer(lambda: dst.copy_(src)) for _ in range(repeat)]
-    return 2 * numel * 4 / statistics.median(times) / 1e9
-
-
-# --- machine description --------------------------------------------------------------------
-
-HBM_PEAK_GBS = (  # (substring of torch.cuda.get_device_name(), GB/s); the first match wins
-    ("H200", 4800.0),
-    ("H100 PCIe", 2000.0),
-    ("H100 NVL", 3900.0),
-    ("H100", 3350.0),  # SXM (HBM3)
-    ("A100-SXM4-80GB", 2039.0),
-    ("A100 80GB PCIe", 1935.0),
-    ("A100", 1555.0),
-)
-
-
-def default_hbm_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for needle, peak in HBM_PEAK_GBS:
-        if needle in name:
-            return peak
-    return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine_info(device: torch.device) -> dict[str, str]:
-    info = {
-        "date (UTC)": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "CPU": f"{cpu_model()}, {os.cpu_count()} logical cores",
-        "torch threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "regoptim": f"{regoptim.__version__} (git {git_commit()})",
-        "python": platform.python_version(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load average at start (1/5/15 min)"] = "/".join(f"{x:.2f}" for x in os.getloadavg())
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        info["TRITON_INTERPRET"] = "1 (fused=True on CPU runs the Triton interpreter!)"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["GPU"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-        info["CUDA (torch build)"] = str(torch.version.cuda)
-    return info

@@ -3,17 +3,20 @@
 Every option also reads an environment variable, so that a CI job or a smoke test can shrink the
 matrix without a command-line flag:
 
-===================  ===========================  ==============================================
-option               environment                  default
-===================  ===========================  ==============================================
---bench-numel        REGOPTIM_BENCH_NUMEL         16M (total parameters, e.g. 64K, 1M, 16M)
---bench-tensors      REGOPTIM_BENCH_TENSORS       4,64,1024
---bench-dtype        REGOPTIM_BENCH_DTYPE         float32
---bench-impls        REGOPTIM_BENCH_IMPLS         all (see benchmarks/_common.py IMPL_KEYS)
---bench-rounds       REGOPTIM_BENCH_ROUNDS        10 timed steps per test
---bench-threads      REGOPTIM_BENCH_THREADS       all cores (torch.set_num_threads)
---bench-device       REGOPTIM_BENCH_DEVICE        cpu
-===================  ===========================  ==============================================
+=====================  =============================  ===========================================
+option                 environment                    default
+=====================  =============================  ===========================================
+--bench-cases          REGOPTIM_BENCH_CASES           the CPU preset: 16M/4,16M/64,16M/1024,
+                                                      20000/4,10000/100,400000/400 (TOTAL/TENSORS)
+--bench-numel          REGOPTIM_BENCH_NUMEL           none; with --bench-tensors, replaces cases
+--bench-tensors        REGOPTIM_BENCH_TENSORS         none (by itself: 16M split so)
+--bench-dtype          REGOPTIM_BENCH_DTYPE           float32
+--bench-impls          REGOPTIM_BENCH_IMPLS           the device's rows (_common.DEFAULT_IMPLS)
+--bench-rounds         REGOPTIM_BENCH_ROUNDS          10 timed rounds per test
+--bench-min-round-ms   REGOPTIM_BENCH_MIN_ROUND_MS    2 (small cases: k steps per round)
+--bench-threads        REGOPTIM_BENCH_THREADS         all cores (torch.set_num_threads)
+--bench-device         REGOPTIM_BENCH_DEVICE          cpu
+=====================  =============================  ===========================================
 """
 
 from __future__ import annotations
@@ -23,14 +26,18 @@ import os
 import pytest
 import torch
 
+from benchmarks._common import PRESETS
+
 os.environ.setdefault("TRITON_INTERPRET", "0")  # time the real kernels, never the interpreter
 
 _OPTIONS = {
-    "numel": ("REGOPTIM_BENCH_NUMEL", "16M"),
-    "tensors": ("REGOPTIM_BENCH_TENSORS", "4,64,1024"),
+    "cases": ("REGOPTIM_BENCH_CASES", PRESETS["cpu"]),
+    "numel": ("REGOPTIM_BENCH_NUMEL", ""),
+    "tensors": ("REGOPTIM_BENCH_TENSORS", ""),
     "dtype": ("REGOPTIM_BENCH_DTYPE", "float32"),
     "impls": ("REGOPTIM_BENCH_IMPLS", ""),
     "rounds": ("REGOPTIM_BENCH_ROUNDS", "10"),
+    "min-round-ms": ("REGOPTIM_BENCH_MIN_ROUND_MS", "2"),
     "threads": ("REGOPTIM_BENCH_THREADS", str(os.cpu_count() or 1)),
     "device": ("REGOPTIM_BENCH_DEVICE", "cpu"),
 }
@@ -42,7 +49,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(
             f"--bench-{name}",
             default=os.environ.get(env, default),
-            help=f"(env {env}, default {default or 'all'})",
+            help=f"(env {env}, default {default or 'see benchmarks/conftest.py'})",
         )
 
 

@@ -39,20 +39,46 @@ def test_run_script_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = out.read_text()
-    assert "<!-- benchmarks/run.py cpu start -->" in text
-    for impl in ("torch-loop", "torch-foreach", "torch-fused", "regoptim-default"):
-        assert f"| {impl} |" in text
-    assert "| regoptim-fused |" in text  # timed, or marked unavailable with the reason
+    assert "<!-- benchmarks/run.py cpu-" in text  # keyed by torch's CPU capability
+    assert "triad bandwidth measured at start:" in text
+    # the rows, per family, with the ratio to torch-fused
+    for impl in (
+        "torch-fused",
+        "regoptim-default",
+        "regoptim-default-noreg",
+        "regoptim-fused",  # timed, or marked unavailable with the reason
+        "torch-loop",
+    ):
+        assert f"| sgd | {impl} |" in text and f"| adamw | {impl} |" in text
+    assert "| torch-foreach |" not in text
+    assert "| 2000 | 10 |" in text  # a small case (k steps per sample)
     assert "error:" not in text, text
-    assert "GB/s" in text and "x torch fused" in text
+    for column in ("us/step (median)", "| k |", "x torch-fused", "GB/s", "% of peak"):
+        assert column in text
+
+
+def test_results_file_sections(tmp_path):
+    from benchmarks.run import update_results_file
+
+    path = tmp_path / "RESULTS.md"
+    legacy = "<!-- benchmarks/run.py cpu start -->\nold cpu\n<!-- benchmarks/run.py cpu end -->"
+    cuda = "<!-- benchmarks/run.py cuda start -->\ngpu\n<!-- benchmarks/run.py cuda end -->"
+    path.write_text(f"# Benchmark results\n\n{legacy}\n\n{cuda}\n\n## Notes\n")
+    update_results_file(path, "cpu-AVX512", "avx512 v1")
+    update_results_file(path, "cpu-AVX2", "avx2")
+    update_results_file(path, "cpu-AVX512", "avx512 v2")
+    text = path.read_text()
+    assert "old cpu" not in text and "avx512 v1" not in text  # legacy section dropped, replaced
+    for kept in ("avx512 v2", "avx2", "gpu", "## Notes"):
+        assert text.count(kept) == 1, text
 
 
 def test_pytest_benchmark_suite_smoke(tmp_path):
     env = _env()
     env.update(
-        REGOPTIM_BENCH_NUMEL="4K",
-        REGOPTIM_BENCH_TENSORS="3",
+        REGOPTIM_BENCH_CASES="4K/3,2000/10",
         REGOPTIM_BENCH_ROUNDS="1",
+        REGOPTIM_BENCH_MIN_ROUND_MS="1",
         REGOPTIM_BENCH_THREADS="1",
     )
     proc = subprocess.run(
