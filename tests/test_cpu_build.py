@@ -43,6 +43,12 @@ print(cf.build_info()["source"], cf.build_count(), sep="|")
 """
 
 
+@pytest.fixture(autouse=True)
+def _no_prebuilt(monkeypatch):
+    """These tests are about the JIT build and its cache, not the install-time build."""
+    monkeypatch.setenv("REGOPTIM_NO_PREBUILT", "1")
+
+
 def _private(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
@@ -52,6 +58,7 @@ def _private(path: Path) -> Path:
 def _child(cache: Path, tmp: Path, **env: str) -> tuple[str, str, int]:
     """Run one fused=True step in a fresh process: (available(), source, build_count)."""
     full = dict(os.environ, REGOPTIM_CACHE_DIR=str(cache), TMPDIR=str(_private(tmp)), **env)
+    full["REGOPTIM_NO_PREBUILT"] = "1"  # the JIT build and its cache, not the install-time one
     out = subprocess.run(
         [sys.executable, "-c", _CHILD], capture_output=True, text=True, env=full, timeout=300
     )

@@ -23,10 +23,13 @@ def test_torch_fused_cpu_sgd_is_wrong_for_low_precision(dtype):
 
 
 def test_regoptim_default_avoids_torch_fused_for_low_precision():
+    from regoptim._cpu_build import prebuilt_path
     from regoptim.optimizer import resolve_impl
 
+    # float32 takes regoptim's own kernel where the install built it (test_default_cpu_path.py)
+    f32 = "fused" if prebuilt_path() is not None else "torch_fused"
     for dtype, expected in [
-        (torch.float32, "torch_fused"),
+        (torch.float32, f32),
         (torch.float64, "torch_fused"),
         (torch.bfloat16, "loop"),
         (torch.float16, "loop"),
@@ -49,6 +52,7 @@ def test_torch_fused_cpu_ignores_stride_mismatch():
 def test_regoptim_default_avoids_torch_fused_on_stride_mismatch():
     from regoptim.optimizer import resolve_impl
 
-    p = torch.zeros(6, 4).t()
+    p = torch.zeros(6, 4, dtype=torch.float64).t()
     assert resolve_impl([p], [torch.zeros(4, 6)], foreach=None, fused=None) == "loop"
-    assert resolve_impl([p], [torch.zeros(6, 4).t()], foreach=None, fused=None) == "torch_fused"
+    same = torch.zeros(6, 4, dtype=torch.float64).t()
+    assert resolve_impl([p], [same], foreach=None, fused=None) == "torch_fused"
