@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -149,7 +150,13 @@ def _triton_fused_default_ok(params: list[Tensor]) -> bool:
 # every gradient has its parameter's strides (they walk both as flat memory; autograd's gradient
 # layout contract makes that the usual case, a gradient assigned by hand may break it).
 _TORCH_FUSED_CPU_DTYPES = (torch.float32, torch.float64)
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TENSOR_TYPES = {torch.Tensor, torch.nn.Parameter}
+_TORCH_FUSED_CPU_DTYPE_SET = set(_TORCH_FUSED_CPU_DTYPES)
+_DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
+_IS_CUDA = operator.attrgetter("is_cuda")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_STRIDE = torch._C.TensorBase.stride
 
 
 def resolve_impl(
@@ -173,7 +180,7 @@ def resolve_impl(
     ``differentiable=True`` takes the for-loop (autograd through the step) and ``capturable=True``
     what torch picks (its capturable for-loop/foreach, which never reads the step on the host).
     """
-    if any(g.is_sparse for g in grads):
+    if any(map(_IS_SPARSE, grads)):
         return "foreach" if foreach else "loop"
     if fused:
         return "fused"
@@ -185,18 +192,15 @@ def resolve_impl(
         return "loop"
     if capturable:
         return _torch_default(params)
-    # one pass over the tensors (this runs every step, for every tensor of the group)
-    plain = cpu = cuda = torch_fused_dtypes = same_strides = True
-    floating = float32 = True
-    for p, g in zip(params, grads, strict=True):
-        plain = plain and type(p) in _PLAIN_TENSOR_TYPES
-        floating = floating and p.is_floating_point()
-        device_type = p.device.type
-        cpu = cpu and device_type == "cpu"
-        cuda = cuda and device_type == "cuda"
-        torch_fused_dtypes = torch_fused_dtypes and p.dtype in _TORCH_FUSED_CPU_DTYPES
-        float32 = float32 and p.dtype == torch.float32
-        same_strides = same_strides and p.stride() == g.stride()
+    # column checks over the tensors (this runs every step): C-level maps, no Python loop body
+    plain = set(map(type, params)) <= _PLAIN_TENSOR_TYPES
+    dtypes = set(map(_DTYPE, params))
+    floating = all(d.is_floating_point for d in dtypes)
+    cpu = all(map(_IS_CPU, params))
+    cuda = not cpu and all(map(_IS_CUDA, params))
+    torch_fused_dtypes = dtypes <= _TORCH_FUSED_CPU_DTYPE_SET
+    float32 = dtypes == {torch.float32}
+    same_strides = list(map(_STRIDE, params)) == list(map(_STRIDE, grads))
     if plain and floating and cuda and _triton_fused_default_ok(params):
         return "fused"
     # plain tensors only: torch's fused SGD kernel has no DTensor (FSDP2) sharding strategy, and
@@ -313,9 +317,29 @@ class ProxOptimizer(Optimizer):
                     loss = closure()
             for group in self.param_groups:
                 if not torch.compiler.is_compiling():
-                    self._validate_group(group)
+                    self._revalidate(group)
                 step_group(group)
             return loss
+
+    def _revalidate(self, group: dict[str, Any]) -> None:
+        """Validate ``group`` again unless its hyperparameters are exactly those it last passed
+        with (a value set by hand between steps is caught before it touches a parameter).
+        Tensor values (a tensor lr a scheduler updates in place) are validated every step."""
+        snapshot: list[tuple[str, Any]] | None = [(k, v) for k, v in group.items() if k != "params"]
+        if any(_holds_tensor(v) for _, v in snapshot):  # type: ignore[union-attr]
+            snapshot = None
+        cache = self.__dict__.setdefault("_validated", {})
+        if snapshot is not None and cache.get(id(group)) == snapshot:
+            return
+        self._validate_group(group)
+        if snapshot is not None:
+            cache[id(group)] = snapshot
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(isinstance(v, Tensor) for v in value)
+    return isinstance(value, Tensor)
 
 
 def check_fused_params(params: list[Tensor]) -> None:
