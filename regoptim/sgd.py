@@ -12,6 +12,7 @@ import torch.optim.sgd as _torch_sgd
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from regoptim._guard import eager_context, eager_indices, renumbered
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -360,25 +361,29 @@ def _fused_prox_sgd(
         "nesterov": nesterov, "maximize": maximize, "has_sparse_grad": False,
         "decoupled_weight_decay": decoupled_weight_decay, "l1": l1,
     }  # fmt: skip
-    eager = [i for i, p in enumerate(params) if p.dtype not in _FUSED_DTYPES]
+    eager, mixed = eager_indices(
+        _FUSED_DTYPES, params, grads, momentum_buffer_list if use_momentum else None
+    )
     if eager:
-        # float64/complex128 and other dtypes the kernels do not store take torch's for-loop
+        # float64/complex128 and other dtypes the kernels do not store, and grads/buffers of
+        # another dtype than their param (as torch allows), take torch's for-loop
         eager_set = set(eager)
         keep = [i for i in range(len(params)) if i not in eager_set]
-        for idx, fn in ((eager, _single_tensor_prox_sgd), (keep, _fused_prox_sgd)):
-            if not idx:
-                continue
-            sub_bufs = [momentum_buffer_list[i] for i in idx] if use_momentum else []
-            fn(
-                [params[i] for i in idx],
-                [grads[i] for i in idx],
-                sub_bufs,
-                grad_scale,
-                found_inf,
-                **hyper,
-            )
-            for i, b in zip(idx if use_momentum else [], sub_bufs, strict=True):
-                momentum_buffer_list[i] = b
+        with renumbered(params), eager_context("ProxSGD fused step", mixed):
+            for idx, fn in ((eager, _single_tensor_prox_sgd), (keep, _fused_prox_sgd)):
+                if not idx:
+                    continue
+                sub_bufs = [momentum_buffer_list[i] for i in idx] if use_momentum else []
+                fn(
+                    [params[i] for i in idx],
+                    [grads[i] for i in idx],
+                    sub_bufs,
+                    grad_scale,
+                    found_inf,
+                    **hyper,
+                )
+                for i, b in zip(idx if use_momentum else [], sub_bufs, strict=True):
+                    momentum_buffer_list[i] = b
         return
 
     def run(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor | None]) -> None:
@@ -410,11 +415,12 @@ def _fused_prox_sgd(
                 found_inf=on_device(found_inf, device),
             )
 
-    _for_each_first_step_split(params, grads, momentum_buffer_list, use_momentum, run)
+    with renumbered(params):  # errors name the index in `params`, not in a device group
+        _for_each_first_step_split(params, grads, momentum_buffer_list, use_momentum, run)
 
 
 # dtypes regoptim's fused kernels (Triton and C++) store; others take the eager path
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
+_FUSED_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.complex64))
 
 
 def _for_each_first_step_split(
