@@ -30,6 +30,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from regoptim._guard import check_cached
+
 __all__ = [
     "BLOCK",
     "SUPPORTED_DTYPES",
@@ -292,17 +294,15 @@ def log_beta(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
-def check_lists(params: Sequence[Tensor], **lists: Sequence[Tensor] | None) -> None:
-    """Every list as long as ``params``, every tensor on the params' device with their dtype."""
-    device, dtype = params[0].device, params[0].dtype
-    for name, lst in {"params": params, **lists}.items():
-        if lst is None:
-            continue
-        if len(lst) != len(params):
-            raise ValueError(f"{name} has {len(lst)} tensors, params {len(params)}")
-        for t in lst:
-            if t.device != device or t.dtype != dtype:
-                raise ValueError(
-                    f"all tensors of a fused step share the params' device and dtype "
-                    f"({device}, {dtype}); {name} has one on {t.device} with {t.dtype}"
-                )
+def check_lists(
+    where: str,
+    params: Sequence[Tensor],
+    steps: Sequence[Tensor] | None = None,
+    **lists: Sequence[Tensor] | None,
+) -> None:
+    """Every list (named by its role) as long as ``params``, every tensor on the params' device
+    with their dtype and its own param's shape, ``steps`` float32 counters >= 0; an error names
+    the parameter index and what is wrong. Skipped while the tensors' key (pointers, sizes,
+    strides, dtypes, conj/neg bits) is one that passed (:func:`regoptim._guard.check_cached`)."""
+    named = {"param": params, **{k: v for k, v in lists.items() if v is not None}}
+    check_cached(where, list(named), list(named.values()), params[0].device, steps)

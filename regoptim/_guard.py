@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from itertools import repeat
 from operator import attrgetter, is_
@@ -30,12 +31,14 @@ from torch import Tensor
 __all__ = [
     "RoleKey",
     "bad_input",
+    "check_cached",
     "eager_context",
     "eager_indices",
     "group_key",
     "like_params",
     "renumbered",
     "role_key",
+    "torch_fused_split",
     "validate",
     "validate_steps",
 ]
@@ -104,11 +107,16 @@ def renumbered(params: Sequence[Tensor]) -> Iterator[None]:
 
 
 def validate(
-    where: str, names: Sequence[str], lists: Sequence[Sequence[Tensor]], device: torch.device
+    where: str,
+    names: Sequence[str],
+    lists: Sequence[Sequence[Tensor]],
+    device: torch.device,
+    one_dtype: bool = True,
 ) -> None:
     """Full check of one fused call: every tensor of ``lists`` (params first, one name per list)
-    on ``device``, with the first param's dtype and its own param's shape. Raises naming the
-    parameter index and what is wrong."""
+    on ``device``, with its param's dtype (and the first param's, ``one_dtype``) and its param's
+    shape. Raises naming the parameter index and what is wrong. Extra names are ignored."""
+    names = names[: len(lists)]
     params = lists[0]
     for name, lst in zip(names, lists, strict=True):
         if len(lst) != len(params):
@@ -123,7 +131,7 @@ def validate(
                 raise bad_input(
                     TypeError, where, i, name, f"is {t.dtype}, its parameter {p.dtype}", p
                 )
-            if t.dtype != dtype:
+            if one_dtype and t.dtype != dtype:
                 problem = f"is {t.dtype}, the first one {dtype} (one dtype per fused call)"
                 raise bad_input(TypeError, where, i, name, problem, p)
             if t.shape != p.shape:
@@ -198,3 +206,73 @@ def eager_context(where: str, mixed: list[int]) -> Iterator[None]:
             f"{where}: parameters {mixed} have a grad or state of another dtype than their own; "
             f"they took torch's for-loop, which raised: {exc}"
         ) from exc
+
+
+_checked: OrderedDict[tuple, tuple[list[RoleKey], list[int]]] = OrderedDict()
+_MAX_CHECKED = 32
+
+
+def check_cached(
+    where: str,
+    names: Sequence[str],
+    lists: Sequence[Sequence[Tensor]],
+    device: torch.device,
+    steps: Sequence[Tensor] | None = None,
+    one_dtype: bool = True,
+) -> list[int]:
+    """:func:`validate` (and :func:`validate_steps` for ``steps``), skipped while the
+    :func:`group_key` of the tensors is one that passed before; a role whose tensors moved is
+    accepted without the full check when it matches the params (:func:`like_params`) and sits on
+    ``device``. Returns the indices where a tensor's strides differ from its param's (for kernels
+    that read every tensor in its param's layout), worked out on a full check and cached."""
+    all_lists = [*lists, steps] if steps is not None else list(lists)
+    key = group_key(all_lists)
+    slot = (where, one_dtype, len(all_lists), len(lists[0]), key[0][0][:1])
+    seen = _checked.get(slot)
+    if seen is not None and seen[0][0] == key[0]:
+        _checked.move_to_end(slot)
+        old, strided = seen
+        changed = [r for r in range(len(all_lists)) if key[r] != old[r]]
+        if all(
+            r < len(lists) and like_params(key, r) and all(t.device == device for t in lists[r])
+            for r in changed
+        ):
+            for r in changed:
+                old[r] = key[r]
+            return strided
+    validate(where, names, lists, device, one_dtype)
+    if steps is not None:
+        validate_steps(where, lists[0], steps, device)
+    strided = [i for i, s in enumerate(key[0][2]) if any(k[2][i] != s for k in key[1 : len(lists)])]
+    _checked[slot] = (key, strided)
+    if len(_checked) > _MAX_CHECKED:
+        _checked.popitem(last=False)
+    return strided
+
+
+_FLOATING = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+def torch_fused_split(
+    where: str,
+    names: Sequence[str],
+    lists: Sequence[Sequence[Tensor]],
+    steps: Sequence[Tensor] | None = None,
+) -> tuple[list[int], list[int]]:
+    """``(eager, mixed)`` for torch's own fused CPU kernels (``torch._fused_sgd_`` /
+    ``_fused_adam_``), which check devices and dtypes but read every tensor with its param's
+    numel and layout: a shorter state is read and written out of bounds, a transposed one pairs
+    the wrong elements. The other indices are checked (:func:`check_cached`, shapes included);
+    ``eager`` lists those for torch's for-loop: grads/state of another dtype than the param
+    (``mixed``, which torch's for-loop takes) and tensors whose strides differ from the param's."""
+    eager, mixed = eager_indices(_FLOATING, lists[0], *lists[1:])
+    eager_set = set(eager)
+    keep = [i for i in range(len(lists[0])) if i not in eager_set] if eager else None
+    sub = [[lst[i] for i in keep] for lst in lists] if keep is not None else lists
+    sub_steps = [steps[i] for i in keep] if keep is not None and steps is not None else steps
+    if not sub[0]:
+        return eager, mixed
+    strided = check_cached(where, names, sub, sub[0][0].device, sub_steps, one_dtype=False)
+    if strided:
+        eager = sorted([*eager, *(keep[j] if keep is not None else j for j in strided)])
+    return eager, mixed

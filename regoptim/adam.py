@@ -10,7 +10,7 @@ import torch.optim.adam as _torch_adam
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from regoptim._guard import eager_context, eager_indices, renumbered
+from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -616,8 +616,32 @@ def _foreach(*args: Any, **kwargs: Any) -> None:
     _eager_prox_adam("foreach", *args, **kwargs)
 
 
-def _torch_fused(*args: Any, **kwargs: Any) -> None:
-    _eager_prox_adam("torch_fused", *args, **kwargs)
+def _torch_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *args: Any,
+    **kwargs: Any,
+) -> None:
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
+    shaped = lists[:5] if kwargs["amsgrad"] else lists[:4]
+    names = ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    where = "ProxAdam step (torch's fused kernel)"
+    with renumbered(params):
+        eager, mixed = torch_fused_split(where, names, shaped, state_steps)
+    if not eager:
+        _eager_prox_adam("torch_fused", *lists, *args, **kwargs)
+        return
+    eager_set = set(eager)
+    keep = [i for i in range(len(params)) if i not in eager_set]
+    with renumbered(params), eager_context(where, mixed):
+        for impl, idx in (("loop", eager), ("torch_fused", keep)):
+            if idx:
+                sub = [[lst[i] for i in idx] if lst else [] for lst in lists]
+                _eager_prox_adam(impl, *sub, *args, **kwargs)  # type: ignore[arg-type]
 
 
 _IMPLS: dict[str, Callable[..., None]] = {

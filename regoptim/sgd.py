@@ -12,7 +12,7 @@ import torch.optim.sgd as _torch_sgd
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from regoptim._guard import eager_context, eager_indices, renumbered
+from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -327,11 +327,31 @@ def _torch_fused_prox_sgd(
     found_inf: Tensor | None,
     **kwargs: Any,
 ) -> None:
-    # torch's fused SGD takes a group whose buffers are either all new or all existing.
-    _for_each_first_step_split(
-        params, grads, momentum_buffer_list, kwargs["momentum"] != 0,
-        lambda p, g, b: _eager_prox_sgd("torch_fused", p, g, b, grad_scale, found_inf, **kwargs),
-    )  # fmt: skip
+    use_momentum = kwargs["momentum"] != 0
+    where = "ProxSGD step (torch's fused kernel)"
+
+    def run(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor | None]) -> None:
+        # torch's fused SGD takes a group whose buffers are either all new or all existing.
+        lists = [ps, gs, bufs] if use_momentum and bufs[0] is not None else [ps, gs]
+        with renumbered(params):
+            eager, mixed = torch_fused_split(where, ["param", "grad", "momentum_buffer"], lists)  # type: ignore[arg-type]
+        if not eager:
+            _eager_prox_sgd("torch_fused", ps, gs, bufs, grad_scale, found_inf, **kwargs)
+            return
+        eager_set = set(eager)
+        keep = [i for i in range(len(ps)) if i not in eager_set]
+        with renumbered(params), eager_context(where, mixed):
+            for impl, idx in (("loop", eager), ("torch_fused", keep)):
+                sub_bufs = [bufs[i] for i in idx] if use_momentum else []
+                if idx:
+                    _eager_prox_sgd(
+                        impl, [ps[i] for i in idx], [gs[i] for i in idx], sub_bufs,
+                        grad_scale, found_inf, **kwargs,
+                    )  # fmt: skip
+                for i, b in zip(idx if use_momentum else [], sub_bufs, strict=True):
+                    bufs[i] = b
+
+    _for_each_first_step_split(params, grads, momentum_buffer_list, use_momentum, run)
 
 
 def _fused_prox_sgd(
@@ -437,8 +457,12 @@ def _for_each_first_step_split(
     if not use_momentum:
         run(params, grads, bufs)
         return
-    for new in (True, False):
-        idx = [i for i, b in enumerate(bufs) if (b is None) == new]
+    # both index sets before either run: the first creates buffers, which must not put its
+    # params in the second set too (they would take a second step)
+    new_idx = [i for i, b in enumerate(bufs) if b is None]
+    new_set = set(new_idx)
+    old_idx = [i for i in range(len(bufs)) if i not in new_set]
+    for idx in (new_idx, old_idx):
         if not idx:
             continue
         if len(idx) == len(params):
