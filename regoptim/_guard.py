@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 _ptr = torch._C.TensorBase.data_ptr
-_size = torch._C.TensorBase.size
+_shape = attrgetter("shape")
 _stride = torch._C.TensorBase.stride
 _is_neg = torch._C.TensorBase.is_neg
 _is_conj = torch._C.TensorBase.is_conj
@@ -60,7 +60,7 @@ def role_key(tensors: Sequence[Tensor], complex_group: bool) -> RoleKey:
     bits = any(map(_is_neg, tensors)) or (complex_group and any(map(_is_conj, tensors)))
     return (
         tuple(map(_ptr, tensors)),
-        tuple(map(_size, tensors)),
+        tuple(map(_shape, tensors)),
         tuple(map(_stride, tensors)),
         tuple(map(_dtype, tensors)),
         bits,
