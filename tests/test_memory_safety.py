@@ -244,8 +244,9 @@ def test_conjugate_and_negative_grads_are_resolved(monkeypatch) -> None:
 
 
 @needs_cpp
-def test_error_names_the_index_in_the_step_not_in_a_dtype_group(monkeypatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+@pytest.mark.parametrize("backend", ["0", "1"], ids=["cpp", "triton"])
+def test_error_names_the_index_in_the_step_not_in_a_dtype_group(backend: str, monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", backend)
     ps = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))]
     ps += [torch.nn.Parameter(torch.randn(n)) for n in (5, 6)]
     opt = _sgd(ps, momentum=0.9, fused=True)
