@@ -12,7 +12,10 @@ The launcher gives it:
   element ``block_start[pid]`` on.
 
 Both are built on the host once and cached (small LRU) on the tuple of pointers/numels, so a step
-whose tensors did not move costs no host work beyond building that key, and no host sync.
+whose tensors did not move costs no host work beyond building that key, and no host sync. Before
+that, :func:`check_lists` checks every grad and state against its param (device, dtype, shape),
+again only when the key of pointers, sizes, strides, dtypes and conj/neg bits
+(:mod:`regoptim._guard`) differs from one that passed.
 
 Tensors the kernels cannot address as one flat run of elements sharing a layout with the others at
 the same index (non-contiguous params, a grad with other strides, conj/neg views) go through

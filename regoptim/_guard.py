@@ -146,8 +146,8 @@ def validate_steps(
     where: str, params: Sequence[Tensor], steps: Sequence[Tensor], device: torch.device
 ) -> None:
     """Adam's step counters: float32 one-element tensors on the params' device, holding a
-    finite count >= 0 (read on the host: this runs when the counters were replaced, not per
-    step)."""
+    finite count >= 0 (read on the host in one transfer: this runs when the counters were
+    replaced, not per step)."""
     if len(steps) != len(params):
         raise ValueError(f"{where}: {len(steps)} step tensors for {len(params)} parameters")
     for i, (p, s) in enumerate(zip(params, steps, strict=True)):
@@ -157,9 +157,14 @@ def validate_steps(
                 f"float32 one-element tensor on {device} (as torch's fused Adam)"
             )
             raise bad_input(TypeError, where, i, "step", problem, p)
-        value = float(s.detach().reshape(()).item())
+    if not steps:
+        return
+    values = torch.cat([s.detach().reshape(1) for s in steps]).tolist()
+    for i, value in enumerate(values):
         if not (math.isfinite(value) and value >= 0):
-            raise bad_input(ValueError, where, i, "step", f"is {value}, not a count >= 0", p)
+            raise bad_input(
+                ValueError, where, i, "step", f"is {value}, not a count >= 0", params[i]
+            )
 
 
 def eager_indices(
