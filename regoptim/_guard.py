@@ -224,14 +224,17 @@ def check_cached(
     device: torch.device,
     steps: Sequence[Tensor] | None = None,
     one_dtype: bool = True,
+    key: list[RoleKey] | None = None,
 ) -> list[int]:
     """:func:`validate` (and :func:`validate_steps` for ``steps``), skipped while the
     :func:`group_key` of the tensors is one that passed before; a role whose tensors moved is
     accepted without the full check when it matches the params (:func:`like_params`) and sits on
     ``device``. Returns the indices where a tensor's strides differ from its param's (for kernels
-    that read every tensor in its param's layout), worked out on a full check and cached."""
+    that read every tensor in its param's layout), worked out on a full check and cached.
+    ``key``: the :func:`group_key` of ``lists`` (and ``steps``) when the caller has it."""
     all_lists = [*lists, steps] if steps is not None else list(lists)
-    key = group_key(all_lists)
+    if key is None:
+        key = group_key(all_lists)
     slot = (where, one_dtype, len(all_lists), len(lists[0]), key[0][0][:1])
     seen = _checked.get(slot)
     if seen is not None and seen[0][0] == key[0]:
@@ -270,6 +273,11 @@ def torch_fused_split(
     the wrong elements. The other indices are checked (:func:`check_cached`, shapes included);
     ``eager`` lists those for torch's for-loop: grads/state of another dtype than the param
     (``mixed``, which torch's for-loop takes) and tensors whose strides differ from the param's."""
+    key = group_key([*lists, steps] if steps is not None else lists)
+    dtypes = key[0][3]
+    if all(k[3] == dtypes for k in key[1 : len(lists)]) and set(dtypes) <= _FLOATING:
+        device = lists[0][0].device
+        return check_cached(where, names, lists, device, steps, one_dtype=False, key=key), []
     eager, mixed = eager_indices(_FLOATING, lists[0], *lists[1:])
     eager_set = set(eager)
     keep = [i for i in range(len(lists[0])) if i not in eager_set] if eager else None
