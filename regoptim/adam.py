@@ -637,10 +637,10 @@ def _torch_fused(
         return
     eager_set = set(eager)
     keep = [i for i in range(len(params)) if i not in eager_set]
-    with renumbered(params), eager_context(where, mixed):
-        for impl, idx in (("loop", eager), ("torch_fused", keep)):
-            if idx:
-                sub = [[lst[i] for i in idx] if lst else [] for lst in lists]
+    for impl, idx in (("loop", eager), ("torch_fused", keep)):
+        if idx:
+            sub = [[lst[i] for i in idx] if lst else [] for lst in lists]
+            with renumbered(params), eager_context(where, mixed if impl == "loop" else []):
                 _eager_prox_adam(impl, *sub, *args, **kwargs)  # type: ignore[arg-type]
 
 

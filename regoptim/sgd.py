@@ -340,16 +340,16 @@ def _torch_fused_prox_sgd(
             return
         eager_set = set(eager)
         keep = [i for i in range(len(ps)) if i not in eager_set]
-        with renumbered(params), eager_context(where, mixed):
-            for impl, idx in (("loop", eager), ("torch_fused", keep)):
-                sub_bufs = [bufs[i] for i in idx] if use_momentum else []
+        for impl, idx in (("loop", eager), ("torch_fused", keep)):
+            sub_bufs = [bufs[i] for i in idx] if use_momentum else []
+            with renumbered(params), eager_context(where, mixed if impl == "loop" else []):
                 if idx:
                     _eager_prox_sgd(
                         impl, [ps[i] for i in idx], [gs[i] for i in idx], sub_bufs,
                         grad_scale, found_inf, **kwargs,
                     )  # fmt: skip
-                for i, b in zip(idx if use_momentum else [], sub_bufs, strict=True):
-                    bufs[i] = b
+            for i, b in zip(idx if use_momentum else [], sub_bufs, strict=True):
+                bufs[i] = b
 
     _for_each_first_step_split(params, grads, momentum_buffer_list, use_momentum, run)
 
@@ -389,11 +389,12 @@ def _fused_prox_sgd(
         # another dtype than their param (as torch allows), take torch's for-loop
         eager_set = set(eager)
         keep = [i for i in range(len(params)) if i not in eager_set]
-        with renumbered(params), eager_context("ProxSGD fused step", mixed):
-            for idx, fn in ((eager, _single_tensor_prox_sgd), (keep, _fused_prox_sgd)):
-                if not idx:
-                    continue
-                sub_bufs = [momentum_buffer_list[i] for i in idx] if use_momentum else []
+        for idx, fn in ((eager, _single_tensor_prox_sgd), (keep, _fused_prox_sgd)):
+            if not idx:
+                continue
+            sub_bufs = [momentum_buffer_list[i] for i in idx] if use_momentum else []
+            named = mixed if fn is _single_tensor_prox_sgd else []
+            with renumbered(params), eager_context("ProxSGD fused step", named):
                 fn(
                     [params[i] for i in idx],
                     [grads[i] for i in idx],
@@ -402,8 +403,8 @@ def _fused_prox_sgd(
                     found_inf,
                     **hyper,
                 )
-                for i, b in zip(idx if use_momentum else [], sub_bufs, strict=True):
-                    momentum_buffer_list[i] = b
+            for i, b in zip(idx if use_momentum else [], sub_bufs, strict=True):
+                momentum_buffer_list[i] = b
         return
 
     def run(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor | None]) -> None:
