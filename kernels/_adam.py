@@ -163,20 +163,14 @@ def _launch_prox_adam(
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("amsgrad needs max_exp_avg_sqs")
     check_lists(
+        "ProxAdam fused step",
         params,
-        grads=grads,
-        exp_avgs=exp_avgs,
-        exp_avg_sqs=exp_avg_sqs,
-        max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else None,
+        state_steps,
+        grad=grads,
+        exp_avg=exp_avgs,
+        exp_avg_sq=exp_avg_sqs,
+        max_exp_avg_sq=max_exp_avg_sqs if amsgrad else None,
     )
-    if len(state_steps) != len(params):
-        raise ValueError(f"state_steps has {len(state_steps)} tensors, params {len(params)}")
-    for s in state_steps:
-        if s.dtype != torch.float32 or s.numel() != 1 or s.device != device:
-            raise ValueError(
-                f"state_steps must be float32 1-element tensors on {device} (as torch's fused "
-                f"Adam keeps them), got {s.dtype} {tuple(s.shape)} on {s.device}"
-            )
     dtype = triton_dtype(params[0].dtype)
     lr_value, lr_tensor = lr_args(lr, device)
     grad_scale = scalar_arg(grad_scale, "grad_scale", device)

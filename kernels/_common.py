@@ -12,7 +12,10 @@ The launcher gives it:
   element ``block_start[pid]`` on.
 
 Both are built on the host once and cached (small LRU) on the tuple of pointers/numels, so a step
-whose tensors did not move costs no host work beyond building that key, and no host sync.
+whose tensors did not move costs no host work beyond building that key, and no host sync. Before
+that, :func:`check_lists` checks every grad and state against its param (device, dtype, shape),
+again only when the key of pointers, sizes, strides, dtypes and conj/neg bits
+(:mod:`regoptim._guard`) differs from one that passed.
 
 Tensors the kernels cannot address as one flat run of elements sharing a layout with the others at
 the same index (non-contiguous params, a grad with other strides, conj/neg views) go through
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 from torch import Tensor
+
+from regoptim._guard import check_cached
 
 __all__ = [
     "BLOCK",
@@ -292,17 +297,15 @@ def log_beta(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
-def check_lists(params: Sequence[Tensor], **lists: Sequence[Tensor] | None) -> None:
-    """Every list as long as ``params``, every tensor on the params' device with their dtype."""
-    device, dtype = params[0].device, params[0].dtype
-    for name, lst in {"params": params, **lists}.items():
-        if lst is None:
-            continue
-        if len(lst) != len(params):
-            raise ValueError(f"{name} has {len(lst)} tensors, params {len(params)}")
-        for t in lst:
-            if t.device != device or t.dtype != dtype:
-                raise ValueError(
-                    f"all tensors of a fused step share the params' device and dtype "
-                    f"({device}, {dtype}); {name} has one on {t.device} with {t.dtype}"
-                )
+def check_lists(
+    where: str,
+    params: Sequence[Tensor],
+    steps: Sequence[Tensor] | None = None,
+    **lists: Sequence[Tensor] | None,
+) -> None:
+    """Every list (named by its role) as long as ``params``, every tensor on the params' device
+    with their dtype and its own param's shape, ``steps`` float32 counters >= 0; an error names
+    the parameter index and what is wrong. Skipped while the tensors' key (pointers, sizes,
+    strides, dtypes, conj/neg bits) is one that passed (:func:`regoptim._guard.check_cached`)."""
+    named = {"param": params, **{k: v for k, v in lists.items() if v is not None}}
+    check_cached(where, list(named), list(named.values()), params[0].device, steps)

@@ -136,7 +136,7 @@ def _launch_prox_sgd(
     device = params[0].device
     kernel = _prox_sgd_kernel.for_device(device.type)  # compiled on CUDA, interpreted on CPU
     has_momentum = momentum_buffers is not None
-    check_lists(params, grads=grads, momentum_buffers=momentum_buffers)
+    check_lists("ProxSGD fused step", params, grad=grads, momentum_buffer=momentum_buffers)
     dtype = triton_dtype(params[0].dtype)
     lr_value, lr_tensor = lr_args(lr, device)
     grad_scale = scalar_arg(grad_scale, "grad_scale", device)

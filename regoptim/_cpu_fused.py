@@ -24,12 +24,14 @@ kernels, a ``grad_scale`` unscales the gradients in place.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 import torch
 from torch import Tensor
 
 from regoptim._capability import torch_kernel_numerics
 from regoptim._cpu_build import available, build_count, build_info, load
+from regoptim._guard import RoleKey, group_key, like_params, validate, validate_steps
 
 __all__ = [
     "available",
@@ -60,13 +62,13 @@ _REAL_OF_COMPLEX = {torch.complex64: torch.float32}
 
 
 class _Table:
-    """int64 table, one row per role: numels (real elements), then data pointers."""
+    """int64 table, one row per role: numels (real elements), then data pointers; ``key`` is the
+    :func:`regoptim._guard.group_key` of the tensors it was built and checked for."""
 
-    __slots__ = ("key", "n", "numels", "rows", "tensor")
+    __slots__ = ("key", "n", "rows", "tensor")
 
-    def __init__(self, key: list[tuple[int, ...]], rows: list[list[int]], numels: tuple) -> None:
+    def __init__(self, key: list[RoleKey], rows: list[list[int]]) -> None:
         self.key = key
-        self.numels = numels  # (tensor numels, as Tensor.numel gives them)
         self.n = len(rows[0])
         self.tensor = torch.tensor(rows, dtype=torch.int64)
         base = self.tensor.data_ptr()
@@ -93,63 +95,69 @@ class _Prepared:
 
 _tables: dict[tuple[str, int, int, int], _Table] = {}
 _MAX_TABLES = 64
+_CPU = torch.device("cpu")
+_is_cpu = attrgetter("is_cpu")
 
 
 def _prepare(
-    tag: str, lists: list[list[Tensor]], written: list[bool], dtype: torch.dtype, n_shaped: int
+    where: str, names: list[str], lists: list[list[Tensor]], written: list[bool], n_shaped: int
 ) -> _Prepared:
-    """Pointer table for ``lists`` (params first; every list of the same length).
+    """Pointer table for ``lists`` (params first; every list of the same length; the lists
+    after the first ``n_shaped`` are Adam's step counters), checked before the kernel sees it.
 
-    The table is cached per ``tag`` and reused while every data pointer is the same as when it
-    was built and checked, so a step over unchanged tensors costs one ``data_ptr()`` per tensor.
-    Tensors that are not contiguous get contiguous copies (not cached) that ``finish()`` copies
-    back into the ``written`` roles.
+    The table is cached per call site (``where``) and group, and reused while the
+    :func:`~regoptim._guard.group_key` of the tensors (pointers, sizes, strides, dtypes, conj/neg
+    bits) is the one it was checked for; a role whose tensors moved (fresh grads) is re-pointed
+    when it still matches the params. Anything else takes the full check, which raises naming
+    the parameter index. Tensors that are not contiguous, or carry a conj/neg bit, get resolved
+    contiguous copies (not cached) that ``finish()`` copies back into the ``written`` roles.
     """
-    key = [tuple(map(Tensor.data_ptr, lst)) for lst in lists]
-    slot = (tag, len(lists), len(lists[0]), key[0][0])  # one entry per group of tensors
+    key = group_key(lists)
+    slot = (where, len(lists), len(lists[0]), key[0][0][0])  # one entry per group of tensors
     hit = _tables.get(slot)
     if hit is not None and hit.key[0] == key[0]:
         changed = [r for r in range(len(lists)) if key[r] != hit.key[r]]
         if not changed:
             return _Prepared(hit, [], [])
-        if _refresh(hit, lists, key, changed, dtype, n_shaped):
+        if _refresh(hit, lists, key, changed, n_shaped):
             return _Prepared(hit, [], [])
-    _validate(lists[:n_shaped], dtype)
-    for lst in lists[n_shaped:]:  # Adam's step counters
-        for s in lst:
-            if s.dtype != torch.float32 or s.numel() != 1 or s.device.type != "cpu":
-                raise TypeError(
-                    "regoptim fused CPU kernel: state_steps must be float32 CPU scalars"
-                )
     params = lists[0]
+    validate(where, names[:n_shaped], lists[:n_shaped], _CPU)
+    for steps in lists[n_shaped:]:
+        validate_steps(where, params, steps, _CPU)
     factor = 2 if params[0].is_complex() else 1
-    numels = [p.numel() * factor for p in params]
     copies: list[tuple[Tensor, Tensor]] = []
     keep: list[Tensor] = []
     # A non-contiguous param whose layout is dense (e.g. channels_last) is addressed directly
     # when every tensor of its index has the same strides: the update is elementwise, so any
     # common order of the elements will do. Otherwise non-contiguous tensors get contiguous
     # copies (the logical order of the contiguous ones).
-    rows: list[list[int]] = [numels] + [[] for _ in lists]
+    rows: list[list[int]] = [[p.numel() * factor for p in params]] + [[] for _ in lists]
     for i in range(len(params)):
         group = [lst[i] for lst in lists]
         shaped = group[:n_shaped]
-        same = all(t.is_contiguous() for t in shaped) or _dense_same_layout(shaped)
+        same = not any(map(_has_bit, shaped)) and (
+            all(t.is_contiguous() for t in shaped) or _dense_same_layout(shaped)
+        )
         for r, t in enumerate(group):
-            if same or t.is_contiguous():
+            if same or (t.is_contiguous() and not _has_bit(t)):
                 rows[r + 1].append(t.data_ptr())
                 continue
-            c = t.contiguous()
+            c = t.resolve_conj().resolve_neg().contiguous()
             rows[r + 1].append(c.data_ptr())
             keep.append(c)
             if written[r]:
                 copies.append((t, c))
-    table = _Table(key, rows, tuple(map(Tensor.numel, params)))
+    table = _Table(key, rows)
     if not keep:
         if len(_tables) >= _MAX_TABLES:
             _tables.clear()
         _tables[slot] = table
     return _Prepared(table, copies, keep)
+
+
+def _has_bit(t: Tensor) -> bool:
+    return t.is_conj() or t.is_neg()
 
 
 def _dense_same_layout(tensors: list[Tensor]) -> bool:
@@ -171,46 +179,21 @@ def _dense_same_layout(tensors: list[Tensor]) -> bool:
 def _refresh(
     table: _Table,
     lists: list[list[Tensor]],
-    key: list[tuple[int, ...]],
+    key: list[RoleKey],
     changed: list[int],
-    dtype: torch.dtype,
     n_shaped: int,
 ) -> bool:
-    """Update the pointer rows of roles whose tensors moved (typically fresh grads every step)
-    when the new tensors are contiguous with the same numels; ``False``: rebuild from scratch.
-
-    Cheaper than a full check on purpose: the params (and so the group, its device and dtype)
-    are unchanged, and autograd gives a grad the dtype, device and shape of its param.
-    """
+    """Re-point the rows of roles whose tensors moved (typically fresh grads every step) when
+    they are CPU tensors with the params' sizes, strides and dtypes and no conj/neg bit (the
+    cached table addresses every param directly, so such tensors line up with it); ``False``:
+    rebuild from scratch, with the full check. The params are those the table was built for."""
     for r in changed:
-        lst = lists[r]
-        if r == 0 or r >= n_shaped or lst[0].dtype != dtype:
-            return False
-        if not all(map(Tensor.is_contiguous, lst)):
-            return False
-        if tuple(map(Tensor.numel, lst)) != table.numels:
+        if r >= n_shaped or not like_params(key, r) or not all(map(_is_cpu, lists[r])):
             return False
     for r in changed:
-        table.tensor[r + 1] = torch.tensor(key[r], dtype=torch.int64)
+        table.tensor[r + 1] = torch.tensor(key[r][0], dtype=torch.int64)
         table.key[r] = key[r]
     return True
-
-
-def _validate(lists: list[list[Tensor]], dtype: torch.dtype) -> None:
-    params = lists[0]
-    for lst in lists:
-        for p, t in zip(params, lst, strict=True):
-            if t.device.type != "cpu":
-                raise ValueError(f"regoptim fused CPU kernel: tensor on {t.device}, not CPU")
-            if t.dtype != dtype:
-                raise TypeError(
-                    f"regoptim fused CPU kernel: mixed dtypes in one call ({t.dtype} vs {dtype})"
-                )
-            if t.shape != p.shape:
-                raise ValueError(
-                    f"regoptim fused CPU kernel: shape mismatch {tuple(t.shape)} vs "
-                    f"{tuple(p.shape)}"
-                )
 
 
 def _scalar(x: float | Tensor) -> float:
@@ -292,7 +275,9 @@ def fused_prox_sgd_(
     if not numerics.fma:
         flags |= _NO_FMA
 
-    prep = _prepare("sgd", lists, [True, grad_scale is not None, True], params[0].dtype, len(lists))
+    names = ["param", "grad", "momentum_buffer"]
+    written = [True, grad_scale is not None, True]
+    prep = _prepare("ProxSGD fused step", names, lists, written, len(lists))
     rows = prep.table.rows
     lib.regoptim_sgd(
         _DTYPE_CODE[dtype],
@@ -378,8 +363,9 @@ def fused_prox_adam_(
     if not numerics.fma:
         flags |= _NO_FMA
 
+    names = ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
     written = [True, grad_scale is not None, True, True, True][:n_shaped] + [True]
-    prep = _prepare("adam", lists, written, params[0].dtype, n_shaped)
+    prep = _prepare("ProxAdam fused step", names, lists, written, n_shaped)
     rows = prep.table.rows
     lib.regoptim_adam(
         _DTYPE_CODE[dtype],

@@ -13,6 +13,7 @@ from torch.optim.optimizer import ParamsT
 
 from regoptim._eager_prox import adam_prox_l1_
 from regoptim._fused import call_fused
+from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -551,15 +552,20 @@ def _fused_prox_adam(
         "decoupled_weight_decay": decoupled_weight_decay,
         "l1": l1,
     }
-    cplx = [i for i, p in enumerate(params) if p.dtype not in _FUSED_DTYPES]
+    all_params = params
+    cplx, mixed = eager_indices(
+        _FUSED_DTYPES, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None
+    )
     if cplx:
-        # complex parameters (their prox couples the two components) and dtypes the kernels do not
-        # store (float64) take torch's for-loop; the rest stay fused
+        # complex parameters (their prox couples the two components), dtypes the kernels do not
+        # store (float64), and grads/state of another dtype than their param (as torch allows)
+        # take torch's for-loop; the rest stay fused
         lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
         pick = [[lst[i] for i in cplx] if lst else [] for lst in lists]
-        _eager_prox_adam(
-            "loop", *pick, grad_scale, found_inf, lr=lr, has_complex=has_complex, **kwargs
-        )  # type: ignore[arg-type]
+        with eager_context("ProxAdam fused step", mixed):
+            _eager_prox_adam(
+                "loop", *pick, grad_scale, found_inf, lr=lr, has_complex=has_complex, **kwargs
+            )  # type: ignore[arg-type]
         eager = set(cplx)
         keep = [i for i in range(len(params)) if i not in eager]
         rest = [[lst[i] for i in keep] if lst else [] for lst in lists]
@@ -567,23 +573,24 @@ def _fused_prox_adam(
             return
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = rest
     tensorlists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
-    for (device, _), ((dps, dgs, dms, dvs, dvmaxs, dsteps), _) in group_tensors(tensorlists):  # type: ignore[arg-type]
-        fused_prox_adam_(
-            dps,
-            dgs,
-            dms,
-            dvs,
-            dvmaxs if amsgrad else None,
-            dsteps,
-            lr=on_device(lr, device),
-            grad_scale=on_device(grad_scale, device),
-            found_inf=on_device(found_inf, device),
-            **kwargs,
-        )
+    with renumbered(all_params):  # errors name the index in `params`, not in a device group
+        for (device, _), ((dps, dgs, dms, dvs, dvmaxs, dsteps), _) in group_tensors(tensorlists):  # type: ignore[arg-type]
+            fused_prox_adam_(
+                dps,
+                dgs,
+                dms,
+                dvs,
+                dvmaxs if amsgrad else None,
+                dsteps,
+                lr=on_device(lr, device),
+                grad_scale=on_device(grad_scale, device),
+                found_inf=on_device(found_inf, device),
+                **kwargs,
+            )
 
 
 # real dtypes regoptim's fused kernels store
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FUSED_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -598,8 +605,32 @@ def _foreach(*args: Any, **kwargs: Any) -> None:
     _eager_prox_adam("foreach", *args, **kwargs)
 
 
-def _torch_fused(*args: Any, **kwargs: Any) -> None:
-    _eager_prox_adam("torch_fused", *args, **kwargs)
+def _torch_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *args: Any,
+    **kwargs: Any,
+) -> None:
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
+    shaped = lists[:5] if kwargs["amsgrad"] else lists[:4]
+    names = ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    where = "ProxAdam step (torch's fused kernel)"
+    with renumbered(params):
+        eager, mixed = torch_fused_split(where, names, shaped, state_steps)
+    if not eager:
+        _eager_prox_adam("torch_fused", *lists, *args, **kwargs)
+        return
+    eager_set = set(eager)
+    keep = [i for i in range(len(params)) if i not in eager_set]
+    for impl, idx in (("loop", eager), ("torch_fused", keep)):
+        if idx:
+            sub = [[lst[i] for i in idx] if lst else [] for lst in lists]
+            with renumbered(params), eager_context(where, mixed if impl == "loop" else []):
+                _eager_prox_adam(impl, *sub, *args, **kwargs)  # type: ignore[arg-type]
 
 
 _IMPLS: dict[str, Callable[..., None]] = {

@@ -13,6 +13,7 @@ from torch.optim.optimizer import ParamsT
 
 from regoptim._eager_prox import decay_, prox_l1_
 from regoptim._fused import call_fused
+from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -351,11 +352,31 @@ def _torch_fused_prox_sgd(
     found_inf: Tensor | None,
     **kwargs: Any,
 ) -> None:
-    # torch's fused SGD takes a group whose buffers are either all new or all existing.
-    _for_each_first_step_split(
-        params, grads, momentum_buffer_list, kwargs["momentum"] != 0,
-        lambda p, g, b: _eager_prox_sgd("torch_fused", p, g, b, grad_scale, found_inf, **kwargs),
-    )  # fmt: skip
+    use_momentum = kwargs["momentum"] != 0
+    where = "ProxSGD step (torch's fused kernel)"
+
+    def run(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor | None]) -> None:
+        # torch's fused SGD takes a group whose buffers are either all new or all existing.
+        lists = [ps, gs, bufs] if use_momentum and bufs[0] is not None else [ps, gs]
+        with renumbered(params):
+            eager, mixed = torch_fused_split(where, ["param", "grad", "momentum_buffer"], lists)  # type: ignore[arg-type]
+        if not eager:
+            _eager_prox_sgd("torch_fused", ps, gs, bufs, grad_scale, found_inf, **kwargs)
+            return
+        eager_set = set(eager)
+        keep = [i for i in range(len(ps)) if i not in eager_set]
+        for impl, idx in (("loop", eager), ("torch_fused", keep)):
+            sub_bufs = [bufs[i] for i in idx] if use_momentum else []
+            with renumbered(params), eager_context(where, mixed if impl == "loop" else []):
+                if idx:
+                    _eager_prox_sgd(
+                        impl, [ps[i] for i in idx], [gs[i] for i in idx], sub_bufs,
+                        grad_scale, found_inf, **kwargs,
+                    )  # fmt: skip
+            for i, b in zip(idx if use_momentum else [], sub_bufs, strict=True):
+                bufs[i] = b
+
+    _for_each_first_step_split(params, grads, momentum_buffer_list, use_momentum, run)
 
 
 def _fused_prox_sgd(
@@ -385,23 +406,28 @@ def _fused_prox_sgd(
         "nesterov": nesterov, "maximize": maximize, "has_sparse_grad": False,
         "decoupled_weight_decay": decoupled_weight_decay, "l1": l1,
     }  # fmt: skip
-    eager = [i for i, p in enumerate(params) if p.dtype not in _FUSED_DTYPES]
+    eager, mixed = eager_indices(
+        _FUSED_DTYPES, params, grads, momentum_buffer_list if use_momentum else None
+    )
     if eager:
-        # float64/complex128 and other dtypes the kernels do not store take torch's for-loop
+        # float64/complex128 and other dtypes the kernels do not store, and grads/buffers of
+        # another dtype than their param (as torch allows), take torch's for-loop
         eager_set = set(eager)
         keep = [i for i in range(len(params)) if i not in eager_set]
         for idx, fn in ((eager, _single_tensor_prox_sgd), (keep, _fused_prox_sgd)):
             if not idx:
                 continue
             sub_bufs = [momentum_buffer_list[i] for i in idx] if use_momentum else []
-            fn(
-                [params[i] for i in idx],
-                [grads[i] for i in idx],
-                sub_bufs,
-                grad_scale,
-                found_inf,
-                **hyper,
-            )
+            named = mixed if fn is _single_tensor_prox_sgd else []
+            with renumbered(params), eager_context("ProxSGD fused step", named):
+                fn(
+                    [params[i] for i in idx],
+                    [grads[i] for i in idx],
+                    sub_bufs,
+                    grad_scale,
+                    found_inf,
+                    **hyper,
+                )
             for i, b in zip(idx if use_momentum else [], sub_bufs, strict=True):
                 momentum_buffer_list[i] = b
         return
@@ -435,11 +461,12 @@ def _fused_prox_sgd(
                 found_inf=on_device(found_inf, device),
             )
 
-    _for_each_first_step_split(params, grads, momentum_buffer_list, use_momentum, run)
+    with renumbered(params):  # errors name the index in `params`, not in a device group
+        _for_each_first_step_split(params, grads, momentum_buffer_list, use_momentum, run)
 
 
 # dtypes regoptim's fused kernels (Triton and C++) store; others take the eager path
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
+_FUSED_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.complex64))
 
 
 def _for_each_first_step_split(
@@ -456,8 +483,12 @@ def _for_each_first_step_split(
     if not use_momentum:
         run(params, grads, bufs)
         return
-    for new in (True, False):
-        idx = [i for i, b in enumerate(bufs) if (b is None) == new]
+    # both index sets before either run: the first creates buffers, which must not put its
+    # params in the second set too (they would take a second step)
+    new_idx = [i for i, b in enumerate(bufs) if b is None]
+    new_set = set(new_idx)
+    old_idx = [i for i in range(len(bufs)) if i not in new_set]
+    for idx in (new_idx, old_idx):
         if not idx:
             continue
         if len(idx) == len(params):

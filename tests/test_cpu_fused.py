@@ -525,7 +525,7 @@ def test_channels_last_is_addressed_in_place():
         [_randn(shape, gen=gen).contiguous(memory_format=cl), _randn(shape, gen=gen)]
         for _ in range(3)
     ]
-    prep = cf._prepare("probe", [params, grads[0][:1] * 2], [True, False], torch.float32, 2)
+    prep = cf._prepare("probe", ["param", "grad"], [params, grads[0][:1] * 2], [True, False], 2)
     assert prep.keep == [] and prep.table.rows  # no copies for the shared layout
     refs = _run_sgd(params, grads, momentum=0.9, weight_decay=0.1, l1=0.05)
     _check(params, refs, torch.float32)

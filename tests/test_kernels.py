@@ -1060,7 +1060,7 @@ def test_unsupported_dtype_is_a_clear_error(device):
 
 def test_mismatched_lists_are_a_clear_error(device):
     p = [torch.zeros(3, device=device)]
-    with pytest.raises(ValueError, match="device and dtype"):
+    with pytest.raises(TypeError, match="grad of parameter 0 is torch.float16, its parameter"):
         fused_prox_sgd_(
             p, [torch.ones(3, dtype=torch.float16, device=device)], None, lr=0.1,
             weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False,
