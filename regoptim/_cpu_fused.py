@@ -246,7 +246,6 @@ def fused_prox_sgd_(
     dtype = _check(params, [grads, momentum_buffers])
     if _skip_step(found_inf):
         return
-    lib = load()
     lr_f = _scalar(lr)
     has_mom = momentum != 0.0
     if has_mom and momentum_buffers is None:
@@ -255,47 +254,22 @@ def fused_prox_sgd_(
     if has_mom:
         lists.append(list(momentum_buffers))  # type: ignore[arg-type]
     complex_l1 = params[0].is_complex() and l1 != 0.0
-    flags = 0
-    if maximize:
-        flags |= _MAXIMIZE
-    if grad_scale is not None:
-        flags |= _HAS_SCALE
-    if weight_decay != 0.0 and not decoupled_weight_decay:
-        flags |= _COUPLED_WD
-    if l1 != 0.0 and not complex_l1:
-        flags |= _L1
-    if has_mom:
-        flags |= _MOMENTUM
-        if is_first_step:
-            flags |= _FIRST_STEP
-        if nesterov:
-            flags |= _NESTEROV
-    decay = 1.0 - lr_f * weight_decay if (weight_decay != 0.0 and decoupled_weight_decay) else 1.0
-    numerics = torch_kernel_numerics()
-    if not numerics.fma:
-        flags |= _NO_FMA
-
     names = ["param", "grad", "momentum_buffer"]
     written = [True, grad_scale is not None, True]
     prep = _prepare("ProxSGD fused step", names, lists, written, len(lists))
-    rows = prep.table.rows
-    lib.regoptim_sgd(
-        _DTYPE_CODE[dtype],
-        prep.table.n,
-        rows[0],
-        rows[1],
-        rows[2],
-        rows[3] if has_mom else None,
-        lr_f,
-        float(weight_decay),
-        float(momentum),
-        float(dampening),
-        decay,
-        lr_f * l1,
-        _scalar(grad_scale) if grad_scale is not None else 1.0,
-        flags,
-        torch.get_num_threads(),
-        numerics.vector_width,
+    run_sgd(
+        prep.table,
+        dtype,
+        lr=lr_f,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        l1=0.0 if complex_l1 else l1,
+        is_first_step=is_first_step,
+        grad_scale=_scalar(grad_scale) if grad_scale is not None else None,
     )
     prep.finish()
     if complex_l1:
@@ -338,7 +312,6 @@ def fused_prox_adam_(
         )
     if _skip_step(found_inf):
         return
-    lib = load()
     lr_f = _scalar(lr)
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("regoptim fused CPU kernel: amsgrad needs max_exp_avg_sqs")
@@ -347,46 +320,102 @@ def fused_prox_adam_(
         lists.append(list(max_exp_avg_sqs))  # type: ignore[arg-type]
     n_shaped = len(lists)
     lists.append(list(state_steps))
-    flags = 0
-    if maximize:
-        flags |= _MAXIMIZE
-    if grad_scale is not None:
-        flags |= _HAS_SCALE
-    if weight_decay != 0.0 and not decoupled_weight_decay:
-        flags |= _COUPLED_WD
-    if l1 != 0.0:
-        flags |= _L1
-    if amsgrad:
-        flags |= _AMSGRAD
-    decay = 1.0 - lr_f * weight_decay if (weight_decay != 0.0 and decoupled_weight_decay) else 1.0
-    numerics = torch_kernel_numerics()
-    if not numerics.fma:
-        flags |= _NO_FMA
-
     names = ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
     written = [True, grad_scale is not None, True, True, True][:n_shaped] + [True]
     prep = _prepare("ProxAdam fused step", names, lists, written, n_shaped)
-    rows = prep.table.rows
-    lib.regoptim_adam(
-        _DTYPE_CODE[dtype],
-        prep.table.n,
-        rows[0],
-        rows[1],
-        rows[2],
-        rows[3],
-        rows[4],
-        rows[5] if amsgrad else None,
-        rows[-1],
-        lr_f,
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        decay,
-        lr_f * l1,
-        _scalar(grad_scale) if grad_scale is not None else 1.0,
-        flags,
-        torch.get_num_threads(),
-        numerics.vector_width,
+    run_adam(
+        prep.table,
+        dtype,
+        lr=lr_f,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        l1=l1,
+        maximize=maximize,
+        grad_scale=_scalar(grad_scale) if grad_scale is not None else None,
     )
     prep.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel calls, on a checked table (also used by regoptim._plan's cached default path)
+
+
+def run_sgd(
+    table: _Table,
+    dtype: torch.dtype,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    l1: float,
+    is_first_step: bool,
+    grad_scale: float | None,
+) -> None:
+    """One ProxSGD step of the kernel over a checked ``table`` (rows: numels, params, grads,
+    momentum buffers when ``momentum != 0``) of tensors stored in ``dtype``."""
+    flags = _MOMENTUM if momentum != 0.0 else 0
+    if flags and is_first_step:
+        flags |= _FIRST_STEP
+    if flags and nesterov:
+        flags |= _NESTEROV
+    flags |= _common_flags(maximize, grad_scale, weight_decay, decoupled_weight_decay, l1)
+    decay = 1.0 - lr * weight_decay if (weight_decay != 0.0 and decoupled_weight_decay) else 1.0
+    rows = table.rows
+    load().regoptim_sgd(
+        _DTYPE_CODE[dtype], table.n, rows[0], rows[1], rows[2], rows[3] if momentum else None,
+        lr, float(weight_decay), float(momentum), float(dampening), decay, lr * l1,
+        1.0 if grad_scale is None else grad_scale, flags, torch.get_num_threads(),
+        torch_kernel_numerics().vector_width,
+    )  # fmt: skip
+
+
+def run_adam(
+    table: _Table,
+    dtype: torch.dtype,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    l1: float,
+    maximize: bool,
+    grad_scale: float | None,
+) -> None:
+    """One ProxAdam(W) step of the kernel over a checked ``table`` (rows: numels, params,
+    grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs when ``amsgrad``, step counters)."""
+    flags = _AMSGRAD if amsgrad else 0
+    flags |= _common_flags(maximize, grad_scale, weight_decay, decoupled_weight_decay, l1)
+    decay = 1.0 - lr * weight_decay if (weight_decay != 0.0 and decoupled_weight_decay) else 1.0
+    rows = table.rows
+    load().regoptim_adam(
+        _DTYPE_CODE[dtype], table.n, rows[0], rows[1], rows[2], rows[3], rows[4],
+        rows[5] if amsgrad else None, rows[-1], lr, float(beta1), float(beta2), float(eps),
+        float(weight_decay), decay, lr * l1, 1.0 if grad_scale is None else grad_scale, flags,
+        torch.get_num_threads(), torch_kernel_numerics().vector_width,
+    )  # fmt: skip
+
+
+def _common_flags(
+    maximize: bool, grad_scale: float | None, weight_decay: float, decoupled: bool, l1: float
+) -> int:
+    flags = _MAXIMIZE if maximize else 0
+    if grad_scale is not None:
+        flags |= _HAS_SCALE
+    if weight_decay != 0.0 and not decoupled:
+        flags |= _COUPLED_WD
+    if l1 != 0.0:
+        flags |= _L1
+    if not torch_kernel_numerics().fma:
+        flags |= _NO_FMA
+    return flags

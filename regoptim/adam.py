@@ -11,6 +11,7 @@ import torch.optim.adam as _torch_adam
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from regoptim import _plan
 from regoptim._eager_prox import adam_prox_l1_
 from regoptim._fused import call_fused
 from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
@@ -259,6 +260,12 @@ class ProxAdam(ProxOptimizer):
         return self._step_groups(closure, self._step_group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        if _plan.adam_step(self, group):  # the cached default CPU path (regoptim/_plan.py)
+            return
+        self._dispatch_group(group)
+        _plan.build(self, group, "adam")
+
+    def _dispatch_group(self, group: dict[str, Any]) -> None:
         probe = [p for p in group["params"] if p.grad is not None]
         if not probe:
             return

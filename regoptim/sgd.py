@@ -11,6 +11,7 @@ import torch.optim.sgd as _torch_sgd
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from regoptim import _plan
 from regoptim._eager_prox import decay_, prox_l1_
 from regoptim._fused import call_fused
 from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
@@ -192,6 +193,12 @@ class ProxSGD(ProxOptimizer):
         return self._step_groups(closure, self._step_group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        if _plan.sgd_step(self, group):  # the cached default CPU path (regoptim/_plan.py)
+            return
+        self._dispatch_group(group)
+        _plan.build(self, group, "sgd")
+
+    def _dispatch_group(self, group: dict[str, Any]) -> None:
         params: list[Tensor] = []
         grads: list[Tensor] = []
         momentum_buffer_list: list[Tensor | None] = []
