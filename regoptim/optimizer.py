@@ -180,7 +180,8 @@ def resolve_impl(
     ``differentiable=True`` takes the for-loop (autograd through the step) and ``capturable=True``
     what torch picks (its capturable for-loop/foreach, which never reads the step on the host).
     """
-    if any(map(_IS_SPARSE, grads)):
+    compiling = torch.compiler.is_compiling()
+    if any(g.is_sparse for g in grads) if compiling else any(map(_IS_SPARSE, grads)):
         return "foreach" if foreach else "loop"
     if fused:
         return "fused"
@@ -191,6 +192,13 @@ def resolve_impl(
     if not params or differentiable:
         return "loop"
     if capturable:
+        return _torch_default(params)
+    if compiling:  # traced: Triton's custom ops on CUDA, else torch's choice (no fused CPU kernel)
+        cuda = all(p.device.type == "cuda" for p in params)
+        floating = all(p.is_floating_point() for p in params)
+        plain = all(type(p) in _PLAIN_TENSOR_TYPES for p in params)
+        if plain and floating and cuda and _triton_fused_default_ok(params):
+            return "fused"
         return _torch_default(params)
     # column checks over the tensors (this runs every step): C-level maps, no Python loop body
     plain = set(map(type, params)) <= _PLAIN_TENSOR_TYPES
@@ -205,14 +213,7 @@ def resolve_impl(
         return "fused"
     # plain tensors only: torch's fused SGD kernel has no DTensor (FSDP2) sharding strategy, and
     # under torch.compile torch runs its fused kernels outside dynamo (graph breaks)
-    if (
-        torch_fused_ok
-        and plain
-        and cpu
-        and torch_fused_dtypes
-        and same_strides
-        and not torch.compiler.is_compiling()
-    ):
+    if torch_fused_ok and plain and cpu and torch_fused_dtypes and same_strides:
         # float32: regoptim's one-pass C++ kernel, built at install time (bitwise torch's fused
         # kernel when the regularizers are off); without that build, torch's fused kernel plus
         # the regularizers' extra pass
