@@ -308,8 +308,8 @@ def analyze(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> Chan
             rules[node.name] = ("produce", index, (), path)
         elif not tagged:
             continue
-        elif not only_first:
-            if node.target in _MERGE_OPS and len(node.args) == 2 and len(tagged) == 2:
+        elif node.target in _MERGE_OPS and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            if len(node.args) == 2 and len(tagged) == 2:
                 a, b = node.args
                 ta, tb = tags[a], tags[b]
                 if ta[1:] == tb[1:] and ta[2] is None and _shape(a) == _shape(b) == shape:
@@ -317,9 +317,16 @@ def analyze(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> Chan
                     tags[node] = ta
                     rules[node.name] = ("merge", ta[0], (a.name, b.name), None)
                     continue
+            other = (
+                "a tensor of another layout"
+                if len(tagged) == 2
+                else "a tensor that no prunable layer produces"
+            )
             for a in tagged:
-                reason = f"combined by {what} with a tensor that no prunable layer produces"
-                block(tags[a], reason if node.target in _MERGE_OPS else f"used by {what}")
+                block(tags[a], f"combined by {what} with {other}")
+        elif not only_first:
+            for a in tagged:
+                block(tags[a], f"used by {what}")
         elif isinstance(module, _BN):
             if twice or tag[1] != 1 or tag[2] is not None:
                 block(tag, f"normalised by {what} in a way slim cannot slice")
