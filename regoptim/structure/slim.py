@@ -254,8 +254,8 @@ def slim(
         _slice_in(modules[path], keep.to(modules[path].weight.device), block)
 
     for channel_set in analysis.sets:
-        if not channel_set.removable and channel_set.consumers:
-            reasons = "; ".join(dict.fromkeys(channel_set.reasons)) or "reaches the output"
+        if channel_set.reasons:
+            reasons = "; ".join(dict.fromkeys(channel_set.reasons))
             notes.append(f"{'/'.join(channel_set.producers)} untouched: {reasons}")
     _check(model, slimmed, inputs, reference)
     if not report:
