@@ -309,3 +309,14 @@ def test_trained_mlp_on_digits_with_group_soft_threshold():
 def test_exported_from_the_package():
     assert regoptim.slim is slim and regoptim.structured_groups is structured_groups
     assert regoptim.SlimReport is SlimReport
+
+
+def test_readme_snippet_runs_and_prints_the_table_shown(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### From zero groups to a smaller model", 1)[1]
+    code, shown = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)[:2]
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == shown.strip()
