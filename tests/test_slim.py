@@ -320,3 +320,25 @@ def test_readme_snippet_runs_and_prints_the_table_shown(capsys):
     code, shown = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)[:2]
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == shown.strip()
+
+
+class ViewCNN(nn.Module):
+    def __init__(self, hard_coded: bool) -> None:
+        super().__init__()
+        self.hard_coded = hard_coded
+        self.conv, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6 * 4 * 4, 2)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 2)
+        # view(N, -1) keeps working when channels go; view(-1, 96) would break, so it blocks
+        return self.fc(x.view(-1, 6 * 4 * 4) if self.hard_coded else x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("hard_coded, kept", [(False, 4), (True, 6)], ids=["view-N--1", "view-96"])
+def test_view_as_flatten_only_when_the_channel_count_is_not_hard_coded(hard_coded, kept):
+    model = ViewCNN(hard_coded)
+    zero_channels(model.conv, [0, 3])
+    slimmed, report = slim(model, X_IMG, report=True)
+    assert slimmed.conv.out_channels == kept and slimmed.fc.in_features == kept * 16
+    assert ("used by call_method view" in str(report)) == hard_coded
+    assert_same_outputs(model, slimmed, X_IMG)
