@@ -342,3 +342,37 @@ def test_view_as_flatten_only_when_the_channel_count_is_not_hard_coded(hard_code
     assert slimmed.conv.out_channels == kept and slimmed.fc.in_features == kept * 16
     assert ("used by call_method view" in str(report)) == hard_coded
     assert_same_outputs(model, slimmed, X_IMG)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock style: in-place ReLU and ``out += identity``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        identity = self.relu(self.bn0(self.stem(x)))
+        out = self.relu(self.bn1(self.conv1(identity)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.head(self.relu(out))
+
+
+def test_resnet_style_block_with_inplace_add_and_relu():
+    model = BasicBlock()
+    for bn in (model.bn0, model.bn1, model.bn2):
+        randomize_bn(bn)
+    with torch.no_grad():  # gamma = beta = 0 in both branches: the sum's channel 3 is zero
+        for bn in (model.bn0, model.bn2):
+            bn.weight[3], bn.bias[3] = 0.0, 0.0
+        model.bn1.weight[[0, 5]], model.bn1.bias[[0, 5]] = 0.0, 0.0
+    slimmed = slim(model, X_IMG)
+    assert slimmed.stem.out_channels == slimmed.conv2.out_channels == 7
+    assert slimmed.conv1.out_channels == slimmed.conv2.in_channels == 6
+    assert slimmed.head[2].in_features == 7
+    assert_same_outputs(model, slimmed, X_IMG)

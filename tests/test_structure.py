@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,3 +248,15 @@ def test_bad_arguments_raise_clear_errors():
         structured_groups(mlp(), "x", group_l1=1e-3)
     with pytest.raises(TypeError, match="nn.Module"):
         structured_groups("model", X_FLAT, group_l1=1e-3)
+
+
+@pytest.mark.parametrize("start_dim, grouped", [(1, True), (0, False)], ids=["dim1", "dim0"])
+def test_flatten_must_keep_the_batch_dimension(start_dim, grouped):
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Flatten(start_dim), nn.Linear(6 * 4, 2))
+    if start_dim == 1:
+        model[3] = nn.Linear(6, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = structured_groups(model, X_FLAT, group_l1=1e-3)
+    assert bool(structured(groups)) == grouped
+    assert any("reshaped by module '2' (Flatten)" in str(w.message) for w in caught) != grouped

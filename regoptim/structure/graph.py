@@ -52,7 +52,7 @@ _POOL_FUNCTIONS = {
     *(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d),
     *(F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d),
 }
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}  # not in place
 _SCALAR_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul}
 _MERGE_OPS = {operator.add, operator.sub, operator.iadd, torch.add}
 
@@ -361,7 +361,8 @@ def analyze(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> Chan
                 (module.start_dim, module.end_dim) if module is not None else _flatten_args(node)
             )
             ndim = len(in_shape) if in_shape else 0
-            if ndim == 2 or (tag[1] == 1 and start == 1 and end in (-1, ndim - 1) and not tag[2]):
+            whole = start in (1, 1 - ndim) and end in (-1, ndim - 1)  # (N, ...) -> (N, -1)
+            if ndim >= 2 and whole and tag[1] == 1 and (ndim == 2 or not tag[2]):
                 hw = math.prod(in_shape[2:]) if ndim > 2 else tag[2]
                 pass_through(node, (tag[0], 1, hw))
             else:
