@@ -11,7 +11,7 @@ from torch import nn
 
 import regoptim
 from regoptim.structure import SlimReport, UntraceableModelError, slim, structured_groups
-from tests.test_structure import Gate, Residual, cnn, mlp
+from tests.test_structure import FunctionalMLP, Gate, Residual, cnn, mlp
 from tests.tolerances import tol
 
 X_FLAT, X_IMG = torch.randn(16, 8), torch.randn(4, 3, 8, 8)
@@ -376,3 +376,24 @@ def test_resnet_style_block_with_inplace_add_and_relu():
     assert slimmed.conv1.out_channels == slimmed.conv2.in_channels == 6
     assert slimmed.head[2].in_features == 7
     assert_same_outputs(model, slimmed, X_IMG)
+
+
+def test_custom_forward_mlp_with_scalar_ops_folds_through_them():
+    model = FunctionalMLP()  # head(tanh(relu(fc2(relu(fc1(x)))) * 2))
+    zero_channels(model.fc1, [0, 4], bias=0.6)
+    zero_channels(model.fc2, [1, 2, 3], bias=-0.4)
+    slimmed = slim(model, X_FLAT)
+    assert (slimmed.fc1.out_features, slimmed.fc2.out_features) == (14, 9)
+    assert (slimmed.fc2.in_features, slimmed.head.in_features) == (14, 9)
+    assert_same_outputs(model, slimmed, X_FLAT)
+
+
+def test_a_wrong_edit_is_caught_by_the_output_check(monkeypatch):
+    import importlib
+
+    slim_module = importlib.import_module("regoptim.structure.slim")  # the module, not the function
+    monkeypatch.setattr(slim_module, "_fold", lambda *args: None)  # forget the constants
+    model = mlp()
+    zero_channels(model[0], [1], bias=1.0)
+    with pytest.raises(RuntimeError, match="does not reproduce the original's outputs"):
+        slim(model, X_FLAT)
