@@ -397,3 +397,17 @@ def test_a_wrong_edit_is_caught_by_the_output_check(monkeypatch):
     zero_channels(model[0], [1], bias=1.0)
     with pytest.raises(RuntimeError, match="does not reproduce the original's outputs"):
         slim(model, X_FLAT)
+
+
+def test_batchnorm_without_affine_sliced_and_its_constant_folded():
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, affine=False), nn.ReLU(), nn.Conv2d(6, 4, 3)
+    )
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1.0, 0.0)
+        model[1].running_var.uniform_(0.5, 2.0)
+    zero_channels(model[0], [2, 3], bias=0.5)  # (0.5 - mean) / std > 0 survives the ReLU
+    slimmed = slim(model, X_IMG)
+    assert slimmed[0].out_channels == slimmed[1].num_features == slimmed[3].in_channels == 4
+    assert slimmed[1].running_mean.shape == (4,)
+    assert_same_outputs(model, slimmed, X_IMG)

@@ -159,6 +159,11 @@ def _check(model: nn.Module, slimmed: nn.Module, inputs: tuple[Any, ...], refere
             m.training = modes[name]
 
 
+def _device(module: nn.Module) -> torch.device:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -249,9 +254,9 @@ def slim(
             out_keep[path] = keep
         in_keep += [(c.module, keep, c.block) for c in channel_set.consumers]
     for path, keep in out_keep.items():
-        _slice_out(modules[path], keep.to(modules[path].weight.device))
+        _slice_out(modules[path], keep.to(_device(modules[path])))
     for path, keep, block in in_keep:
-        _slice_in(modules[path], keep.to(modules[path].weight.device), block)
+        _slice_in(modules[path], keep.to(_device(modules[path])), block)
 
     for channel_set in analysis.sets:
         if channel_set.reasons:
