@@ -15,6 +15,7 @@ from regoptim.schedules import ParamGroupSchedule, schedule
 from regoptim.sgd import ProxSGD
 from regoptim.sparsity import SparsityReport, SparsityRow, sparsity
 from regoptim.sparsity_target import SparsityTarget, count_zero_groups
+from regoptim.structure import SlimReport, UntraceableModelError, slim, structured_groups
 
 __all__ = [
     "ProxAdam",
@@ -22,16 +23,20 @@ __all__ = [
     "ParamGroupSchedule",
     "ProxSGD",
     "SparsityReport",
+    "SlimReport",
     "SparsityRow",
     "SparsityTarget",
+    "UntraceableModelError",
     "count_zero_groups",
     "l1_penalty",
     "l2_penalty",
     "param_groups",
     "regularization_path",
     "schedule",
+    "slim",
     "soft_threshold",
     "soft_threshold_",
     "sparsity",
+    "structured_groups",
 ]
 __version__ = "0.1.0"
