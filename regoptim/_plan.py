@@ -1,7 +1,7 @@
-"""Cached per-group plans for the default CPU path: the C++ kernel with no per-step dispatch.
+"""Cached per-group plans for the C++ CPU kernel: no per-step dispatch.
 
-The default CPU path (no ``foreach`` / ``fused`` argument, float32 CPU tensors) runs the fused
-C++ kernel. Dispatching it afresh every step (which implementation, which tensors go where, the
+The default CPU path (no ``foreach`` / ``fused`` argument, float32 CPU tensors) and ``fused=True``
+on CPU (float32, bfloat16, float16) run the fused C++ kernel. Dispatching it afresh every step (which implementation, which tensors go where, the
 dtype split, the pointer table) costs more Python than the kernel costs on a small model, so once
 a step has taken that path the optimizer keeps a plan per param group: the tensors it was checked
 for, the checked pointer table and the state keys it reads. A later step uses the plan only if
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from regoptim import _cpu_fused
+from regoptim._fused import fused_backend
 from regoptim.optimizer import resolve_impl
 
 __all__ = ["Plan", "adam_step", "build", "sgd_step"]
@@ -102,7 +103,8 @@ class Plan:
     """A checked pointer table for one param group on the default CPU path."""
 
     __slots__ = (
-        "family", "guard", "ids", "ptrs", "params", "state", "state_keys", "structure", "table",
+        "dtype", "family", "guard", "ids", "ptrs", "params", "state", "state_keys", "structure",
+        "table",
     )  # fmt: skip
 
     def __init__(
@@ -114,6 +116,7 @@ class Plan:
         table: _cpu_fused._Table,
     ) -> None:
         self.family = family
+        self.dtype = lists[0][0].dtype
         self.params = list(group["params"])
         self.ids = list(map(id, self.params))
         self.state = state
@@ -132,6 +135,7 @@ class Plan:
             or getattr(opt, "found_inf", None) is not None
             or list(map(id, params)) != self.ids
             or _structure(group, self.family) != self.structure
+            or (group["fused"] and fused_backend("cpu") != "cpu")  # TRITON_INTERPRET=1 now
         ):
             return None
         grads = list(map(_GRAD, params))
@@ -176,7 +180,7 @@ def _run(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> bool
     lr = float(lr) if isinstance(lr, Tensor) else lr
     if family == "sgd":
         _cpu_fused.run_sgd(
-            plan.table, torch.float32, lr=lr, weight_decay=group["weight_decay"],
+            plan.table, plan.dtype, lr=lr, weight_decay=group["weight_decay"],
             momentum=group["momentum"], dampening=group["dampening"],
             nesterov=group["nesterov"], maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"], l1=group["l1"],
@@ -185,7 +189,7 @@ def _run(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> bool
     else:
         beta1, beta2 = group["betas"]
         _cpu_fused.run_adam(
-            plan.table, torch.float32, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+            plan.table, plan.dtype, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
             l1=group["l1"], maximize=group["maximize"], grad_scale=None,
@@ -219,11 +223,14 @@ def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Non
         id(group) in plans
         or plans.get(("misses", id(group)), 0) >= _MISSES_BEFORE_GIVING_UP
         or torch.compiler.is_compiling()
-        or group["fused"] is not None
         or group["foreach"] is not None
         or getattr(opt, "grad_scale", None) is not None
-        or not _cpu_fused_default_backend()
     ):
+        return
+    if group["fused"] is None:  # the default path: the install-time build
+        if not _cpu_fused_default_backend():
+            return
+    elif group["fused"] is not True or fused_backend("cpu") != "cpu":
         return
     params = group["params"]
     grads = list(map(_GRAD, params))
@@ -235,7 +242,7 @@ def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Non
         params,
         grads,
         foreach=None,
-        fused=None,
+        fused=group["fused"],
         torch_fused_ok=family == "sgd" or not isinstance(group["betas"][0], Tensor),
         differentiable=differentiable,
         capturable=capturable,
@@ -252,8 +259,9 @@ def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Non
             return
         lists.append(lst)
     n_shaped = len(lists) - (1 if family == "adam" else 0)
-    if any(t.dtype != torch.float32 for lst in lists[:n_shaped] for t in lst):
-        return  # mixed dtypes: the full dispatch sends them to torch's for-loop
+    dtypes = {t.dtype for lst in lists[:n_shaped] for t in lst}
+    if len(dtypes) != 1 or dtypes.pop() not in _cpu_fused._DTYPE_CODE:
+        return  # mixed dtypes (the full dispatch sends them to torch's for-loop), float64, complex
     where = "ProxSGD fused step" if family == "sgd" else "ProxAdam fused step"
     names = ["param", "grad", *_state_keys(group, family)][:n_shaped]
     prep = _cpu_fused._prepare(where, names, lists, [True] * len(lists), n_shaped)

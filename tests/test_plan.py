@@ -1,7 +1,7 @@
-"""The cached per-group plan of the default CPU path (regoptim/_plan.py): used in the steady
-state, and dropped, never trusted, when anything it depends on changes. Each case compares the
-default path with the same C++ kernel reached through the full dispatch (``fused=True``), bit for
-bit, so a stale plan (a wrong pointer, a stale hyperparameter) shows."""
+"""The cached per-group plan of the C++ CPU kernel (regoptim/_plan.py): used in the steady state,
+and dropped, never trusted, when anything it depends on changes. Each case compares an optimizer
+with its twin that takes the full dispatch every step (same arguments, so the same kernel), bit
+for bit, so a stale plan (a wrong pointer, a stale hyperparameter) shows."""
 
 from __future__ import annotations
 
@@ -30,12 +30,33 @@ def _cpp_for_fused_true(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # fused=True on CPU -> the C++ kernel
 
 
-def _pair(cls: type, kw: dict[str, Any], shapes=((7, 5), (13,), (4, 3, 2))):
+def test_no_plan_for_the_triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    cls, kw = SGD
+    a, b, oa, ob = _pair(cls, kw, fused=True)
+    _steps(a, b, oa, ob, 0, 2)
+    assert _uses_plan(oa)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # fused=True now means the Triton kernels
+    calls = []
+    monkeypatch.setattr(cls, "_dispatch_group", lambda self, g: calls.append(g))
+    _grads(a, b, 2)
+    oa.step()
+    assert calls, "the plan stepped although fused=True now means Triton"
+
+
+def _no_plan(cls: type) -> type:
+    class FullDispatch(cls):  # type: ignore[misc, valid-type]
+        def _step_group(self, group: dict[str, Any]) -> None:
+            self._dispatch_group(group)
+
+    return FullDispatch
+
+
+def _pair(cls: type, kw: dict[str, Any], shapes=((7, 5), (13,), (4, 3, 2)), fused=None):
     g = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=g) for s in shapes]
     a = [x.clone().requires_grad_() for x in init]
     b = [x.clone().requires_grad_() for x in init]
-    return a, b, cls(a, **kw), cls(b, **kw, fused=True)
+    return a, b, cls(a, **kw, fused=fused), _no_plan(cls)(b, **kw, fused=fused)
 
 
 def _grads(a, b, seed: int) -> None:
@@ -58,12 +79,14 @@ def _uses_plan(opt: torch.optim.Optimizer) -> bool:
     return any(isinstance(v, _plan.Plan) for v in opt.__dict__.get("_cpu_plans", {}).values())
 
 
+@pytest.mark.parametrize("fused", [None, True])
 @pytest.mark.parametrize("case", list(CASES))
-def test_steady_state_takes_the_plan(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_steady_state_takes_the_plan(case: str, fused, monkeypatch: pytest.MonkeyPatch) -> None:
     cls, kw = CASES[case]
-    a, b, oa, ob = _pair(cls, kw)
+    a, b, oa, ob = _pair(cls, kw, fused=fused)
     _steps(a, b, oa, ob, 0, 2)
     assert _uses_plan(oa) and not _uses_plan(ob)
+    assert oa.param_groups[0]["fused"] is fused
 
     def no_dispatch(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the full dispatch ran")
