@@ -13,6 +13,7 @@ from torch.optim.optimizer import ParamsT
 
 from regoptim._eager_prox import adam_prox_l1_
 from regoptim._fused import call_fused
+from regoptim.group_prox import apply_group_prox_, validate_group_lasso
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -119,6 +120,8 @@ class ProxAdam(ProxOptimizer):
         *,
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
+        group_l1: float = 0.0,
+        group_axes: list[int] | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
@@ -136,6 +139,8 @@ class ProxAdam(ProxOptimizer):
             "amsgrad": amsgrad,
             "decoupled_weight_decay": decoupled_weight_decay,
             "l1": l1,
+            "group_l1": group_l1,
+            "group_axes": group_axes,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -157,6 +162,7 @@ class ProxAdam(ProxOptimizer):
         validate_betas(group["betas"], capturable=group["capturable"], foreach=group["foreach"])
         validate_non_negative(group["weight_decay"], "weight_decay")
         validate_non_negative(group["l1"], "l1")
+        validate_group_lasso(group)
         validate_flag(group["amsgrad"], "amsgrad")
         validate_flag(group["decoupled_weight_decay"], "decoupled_weight_decay")
         validate_flag(group["maximize"], "maximize")
@@ -177,6 +183,8 @@ class ProxAdam(ProxOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", self._default_decoupled())
             group.setdefault("l1", 0.0)
+            group.setdefault("group_l1", 0.0)
+            group.setdefault("group_axes", None)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
@@ -270,6 +278,7 @@ class ProxAdam(ProxOptimizer):
             torch_fused_ok=not isinstance(group["betas"][0], Tensor),
             differentiable=group["differentiable"],
             capturable=group["capturable"],
+            fused_ok=group["group_l1"] == 0,
         )
         params: list[Tensor] = []
         grads: list[Tensor] = []
@@ -304,6 +313,8 @@ class ProxAdam(ProxOptimizer):
             **_eager_flags(impl, group["capturable"], group["differentiable"]),
         )
         call_fused(step, default_path=impl == "fused" and group["fused"] is None)
+        if group["group_l1"] != 0:
+            apply_group_prox_(self, group, adam=True)
 
 
 def _squeezed(beta: Any) -> Any:
@@ -352,6 +363,8 @@ class ProxAdamW(ProxAdam):
         amsgrad: bool = False,
         *,
         l1: float = 0.0,
+        group_l1: float = 0.0,
+        group_axes: list[int] | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
@@ -367,6 +380,8 @@ class ProxAdamW(ProxAdam):
             amsgrad=amsgrad,
             decoupled_weight_decay=True,
             l1=l1,
+            group_l1=group_l1,
+            group_axes=group_axes,
             maximize=maximize,
             foreach=foreach,
             capturable=capturable,
@@ -407,12 +422,16 @@ def prox_adam(
     eps: float,
     maximize: bool,
     l1: float = 0.0,
+    group_l1: float = 0.0,
     capturable: bool = False,
     differentiable: bool = False,
 ) -> None:
     """Functional ProxAdam: picks the implementation and runs one step. See :class:`ProxAdam`.
 
     The state tensors must already exist (zeros and a 0-d ``step`` tensor on the first step).
+    ``group_l1`` only steers the choice of implementation (a non-zero value keeps the default path
+    off regoptim's fused kernels): the group prox needs every parameter of the param group, so
+    :class:`ProxAdam` applies it after this step (``regoptim.group_prox``).
     """
     if not params:
         return
@@ -424,6 +443,7 @@ def prox_adam(
         torch_fused_ok=not isinstance(beta1, Tensor),
         differentiable=differentiable,
         capturable=capturable,
+        fused_ok=group_l1 == 0,
     )
     step = functools.partial(
         _IMPLS[impl],

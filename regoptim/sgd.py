@@ -13,6 +13,7 @@ from torch.optim.optimizer import ParamsT
 
 from regoptim._eager_prox import decay_, prox_l1_
 from regoptim._fused import call_fused
+from regoptim.group_prox import apply_group_prox_, validate_group_lasso
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -111,6 +112,8 @@ class ProxSGD(ProxOptimizer):
         *,
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
+        group_l1: float = 0.0,
+        group_axes: list[int] | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         differentiable: bool = False,
@@ -124,6 +127,8 @@ class ProxSGD(ProxOptimizer):
             "nesterov": nesterov,
             "decoupled_weight_decay": decoupled_weight_decay,
             "l1": l1,
+            "group_l1": group_l1,
+            "group_axes": group_axes,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -140,6 +145,7 @@ class ProxSGD(ProxOptimizer):
             raise ValueError(f"Invalid dampening value: {group['dampening']} (must be in [0, 1])")
         validate_non_negative(group["weight_decay"], "weight_decay")
         validate_non_negative(group["l1"], "l1")
+        validate_group_lasso(group)
         validate_flag(group["nesterov"], "nesterov")
         validate_flag(group["decoupled_weight_decay"], "decoupled_weight_decay")
         validate_flag(group["maximize"], "maximize")
@@ -165,6 +171,8 @@ class ProxSGD(ProxOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("l1", 0.0)
+            group.setdefault("group_l1", 0.0)
+            group.setdefault("group_axes", None)
 
     def _init_group(
         self,
@@ -212,12 +220,15 @@ class ProxSGD(ProxOptimizer):
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             l1=group["l1"],
+            group_l1=group["group_l1"],
             differentiable=group["differentiable"],
         )
         if group["momentum"] != 0:
             for p, buf in zip(params, momentum_buffer_list, strict=True):
                 if buf is not None:
                     self.state[p]["momentum_buffer"] = buf
+        if group["group_l1"] != 0:
+            apply_group_prox_(self, group, adam=False)
 
 
 def prox_sgd(
@@ -238,12 +249,16 @@ def prox_sgd(
     maximize: bool,
     decoupled_weight_decay: bool = False,
     l1: float = 0.0,
+    group_l1: float = 0.0,
     differentiable: bool = False,
 ) -> None:
     """Functional ProxSGD: picks the implementation and runs one step. See :class:`ProxSGD`.
 
     ``momentum_buffer_list`` entries that are ``None`` are created (first step) and written back
-    into the list, as in ``torch.optim.sgd.sgd``.
+    into the list, as in ``torch.optim.sgd.sgd``. ``group_l1`` only steers the choice of
+    implementation (a non-zero value keeps the default path off regoptim's fused kernels): the
+    group prox needs every parameter of the param group, with or without a gradient, so
+    :class:`ProxSGD` applies it after this step (``regoptim.group_prox``).
     """
     if not params:
         return
@@ -252,7 +267,14 @@ def prox_sgd(
             "ProxSGD: coupled weight_decay does not support sparse gradients (neither does "
             "torch.optim.SGD); use decoupled_weight_decay=True or dense gradients"
         )
-    impl = resolve_impl(params, grads, foreach=foreach, fused=fused, differentiable=differentiable)
+    impl = resolve_impl(
+        params,
+        grads,
+        foreach=foreach,
+        fused=fused,
+        differentiable=differentiable,
+        fused_ok=group_l1 == 0,
+    )
     if differentiable and impl == "fused":
         raise RuntimeError("`fused` does not support `differentiable`")
     func = {
