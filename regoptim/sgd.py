@@ -42,7 +42,7 @@ class ProxSGD(ProxOptimizer):
        \begin{aligned}
             &\textbf{input}: \gamma \text{ (lr)}, \theta_0 \text{ (params)}, f(\theta)
                 \text{ (objective)}, \lambda \text{ (weight decay)}, \mu \text{ (momentum)},
-                \tau \text{ (dampening)}, \kappa \text{ (l1)},
+                \tau \text{ (dampening)}, \kappa \text{ (l1)}, \eta \text{ (group\_l1)},
                 \textit{nesterov}, \textit{maximize}, \textit{decoupled} \\
             &\textbf{for}\ t=1\ \textbf{to}\ \ldots\ \textbf{do} \\
             &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
@@ -62,6 +62,9 @@ class ProxSGD(ProxOptimizer):
             &\quad \textbf{if}\ \kappa \neq 0:
                 \ \theta_t \leftarrow \operatorname{sign}(\theta_t)
                 \max(|\theta_t| - \gamma\kappa,\ 0) && \text{5. proximal L1} \\
+            &\quad \textbf{if}\ \eta \neq 0: \textbf{ for each group } g:
+                \ \theta_{t,g} \leftarrow \theta_{t,g}
+                \max(0,\ 1 - \gamma\eta / \|\theta_{t,g}\|_2) && \text{6. group prox} \\
             &\textbf{return}\ \theta_t
        \end{aligned}
 
@@ -70,6 +73,16 @@ class ProxSGD(ProxOptimizer):
     exactly, so weights that the data do not support land on exact zeros instead of wobbling
     around zero as they do with an L1 term in the loss. For complex parameters it shrinks the
     modulus and keeps the phase.
+
+    Step 6 (group lasso, ``group_l1 > 0``) is the proximal operator of
+    :math:`\gamma\eta\sum_g \|\theta_g\|_2` (block soft-thresholding): a group whose norm is at
+    most :math:`\gamma\eta` becomes exactly zero (a whole neuron or filter), the others shrink
+    toward zero; a zero group stays zero. Group :math:`g` is slice :math:`g` of every parameter of
+    the param group along its axis in ``group_axes``, so one group can span several tensors. It
+    runs over all the param group's parameters, those without a gradient this step included
+    (the step leaves them as they are; their values count in their groups' norms); it does not
+    run when no parameter of the group has a gradient. Steps 5 then 6 are together the exact prox
+    of :math:`\gamma(\kappa\|\theta\|_1 + \eta\sum_g\|\theta_g\|_2)` (sparse group lasso).
 
     Args:
         params: iterable of parameters or named parameters to optimize, or of dicts defining
@@ -84,6 +97,15 @@ class ProxSGD(ProxOptimizer):
             adding :math:`\lambda\theta` to the gradient, so the decay bypasses momentum, as AdamW
             does for Adam (default: False).
         l1: L1 strength :math:`\kappa` of the proximal soft-threshold step (default: 0).
+        group_l1: group lasso strength :math:`\eta` (default: 0), unweighted: every group has
+            the same strength whatever its size. To weight by group size as Yuan & Lin do, put
+            groups of one size in their own param group with ``group_l1`` times
+            ``sqrt(group size)``. regoptim's fused kernels do not implement it: the default path
+            takes torch's paths for such a group, and ``fused=True`` runs the fused step, then
+            the group prox in torch.
+        group_axes: the group axis of each parameter of the param group (``None``, the default:
+            0 for each; negative axes count from the end). Every parameter needs the same size
+            along its axis, and 0-d and complex parameters cannot be grouped.
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick, as torch does).
         differentiable: run the step with autograd on, as ``torch.optim.SGD(differentiable=True)``
