@@ -13,10 +13,11 @@ from regoptim.penalties import l1_penalty, l2_penalty
 from regoptim.prox import soft_threshold, soft_threshold_
 from regoptim.schedules import ParamGroupSchedule, schedule
 from regoptim.sgd import ProxSGD
-from regoptim.sparsity import SparsityReport, SparsityRow, sparsity
+from regoptim.sparsity import GroupSparsityRow, SparsityReport, SparsityRow, sparsity
 from regoptim.sparsity_target import SparsityTarget, count_zero_groups
 
 __all__ = [
+    "GroupSparsityRow",
     "ProxAdam",
     "ProxAdamW",
     "ParamGroupSchedule",
