@@ -13,7 +13,7 @@ from torch.optim.optimizer import ParamsT
 
 from regoptim._eager_prox import adam_prox_l1_
 from regoptim._fused import call_fused
-from regoptim.group_prox import apply_group_prox_, validate_group_lasso
+from regoptim.group_prox import apply_group_prox_, resolve_group_axes, validate_group_lasso
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -293,6 +293,8 @@ class ProxAdam(ProxOptimizer):
         return self._step_groups(closure, self._step_group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        if group["group_l1"] != 0:  # group_axes edited in place: caught before any update
+            resolve_group_axes(group["params"], group["group_axes"])
         probe = [p for p in group["params"] if p.grad is not None]
         if not probe:
             return

@@ -13,7 +13,7 @@ from torch.optim.optimizer import ParamsT
 
 from regoptim._eager_prox import decay_, prox_l1_
 from regoptim._fused import call_fused
-from regoptim.group_prox import apply_group_prox_, validate_group_lasso
+from regoptim.group_prox import apply_group_prox_, resolve_group_axes, validate_group_lasso
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -221,6 +221,8 @@ class ProxSGD(ProxOptimizer):
         return self._step_groups(closure, self._step_group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        if group["group_l1"] != 0:  # group_axes edited in place: caught before any update
+            resolve_group_axes(group["params"], group["group_axes"])
         params: list[Tensor] = []
         grads: list[Tensor] = []
         momentum_buffer_list: list[Tensor | None] = []

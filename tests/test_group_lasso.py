@@ -202,6 +202,20 @@ def test_edited_group_is_checked_before_the_step():
     assert torch.equal(w, before)
 
 
+def test_axes_edited_in_place_are_caught_before_the_update():
+    w, b = torch.randn(6, 4, requires_grad=True), torch.randn(6, requires_grad=True)
+    opt = regoptim.ProxAdam([{"params": [w, b], "group_l1": 1e-3, "group_axes": [0, 0]}])
+    w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    opt.step()
+    opt.param_groups[0]["group_axes"][0] = 1
+    before = w.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"params\[0\]: 4 along axis 1, params\[1\]: 6 along axis 0"
+    ):
+        opt.step()
+    assert torch.equal(w, before)
+
+
 def test_unregularized_groups_may_hold_scalars():
     opt = regoptim.ProxSGD([torch.zeros((), requires_grad=True)], lr=0.1)
     assert opt.param_groups[0]["group_l1"] == 0.0 and opt.param_groups[0]["group_axes"] is None
@@ -225,6 +239,31 @@ def test_default_path_keeps_off_the_fused_kernels(monkeypatch):
         w = torch.randn(6, 4, requires_grad=True)
         w.grad = torch.randn(6, 4)
         cls([w], lr=0.1, group_l1=1e-2).step()
+
+
+@pytest.mark.parametrize(("cls", "group_l1"), [(regoptim.ProxSGD, 1.0), (regoptim.ProxAdam, 0.05)])
+def test_amp_skipped_fused_step_skips_the_group_prox(cls, group_l1, monkeypatch):
+    """fused=True under a GradScaler: a step whose gradients overflowed leaves the parameters as
+    they were, group prox included; the next step runs both."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    w = (
+        torch.randn(6, 4) * torch.tensor([0.01, 0.02, 1.0, 1.0, 2.0, 3.0])[:, None]
+    ).requires_grad_()
+    ref = w.detach().clone().requires_grad_()
+    opt = cls([w], lr=0.1, group_l1=group_l1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    before = w.detach().clone()
+    scaler.scale((w * float("inf")).sum()).backward()  # an overflowing step
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(w, before) and not opt.state.get(w, {}).get("momentum_buffer")
+    opt.zero_grad()
+    scaler.scale((w * 0.01).sum()).backward()
+    scaler.step(opt)
+    ref.grad = torch.full_like(ref, 0.01)
+    cls([ref], lr=0.1, group_l1=group_l1, foreach=False).step()  # the eager path, unscaled
+    torch.testing.assert_close(w, ref)
+    assert regoptim.count_zero_groups([w]) == (2, 6)  # rows 0 and 1: the group prox ran
 
 
 # --- checkpoints ------------------------------------------------------------------------------
