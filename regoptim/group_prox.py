@@ -128,13 +128,15 @@ def group_soft_threshold_(
     if not tensors or tensors[0].shape[axes[0]] == 0:
         return
     acc = _acc_dtype(tensors[0].dtype)
-    sq = sum(_rows(t, a, acc).square().sum(dim=1) for t, a in zip(tensors, axes, strict=True))
+    # differentiable: from clones, which the norm keeps for the backward pass
+    src = [t.clone() for t in tensors] if differentiable else tensors
+    sq = sum(_rows(t, a, acc).square().sum(dim=1) for t, a in zip(src, axes, strict=True))
     norm = sq.sqrt()  # type: ignore[union-attr]
     # 1 - t/0 = -inf -> 0: a zero group stays zero
     scale = (1 - on_device(threshold, norm.device) / norm).clamp_min(0)
-    for t, a in zip(tensors, axes, strict=True):
+    for t, s, a in zip(tensors, src, axes, strict=True):
         if differentiable:
-            t.copy_(t.clone() * _along(scale, t, a))
+            t.copy_(s * _along(scale, t, a))
         else:
             t.mul_(_along(scale, t, a))
 

@@ -336,3 +336,23 @@ def test_full_batch_prox_sgd_reaches_multitask_lasso():
     assert np.array_equal(zero_cols, np.flatnonzero(~sk.coef_.any(axis=0)))
     assert 0 < len(zero_cols) < p  # the test sees both kinds
     assert regoptim.count_zero_groups([lin.weight], axes=1) == (len(zero_cols), p)
+
+
+@pytest.mark.parametrize("cls", [regoptim.ProxSGD, regoptim.ProxAdam])
+def test_differentiable_step_gradcheck(cls):
+    """differentiable=True: autograd through the step and the group prox (Adam's Newton solve
+    included) matches finite differences, w.r.t. the parameters and a tensor lr."""
+    g = torch.randn(6, 4, dtype=torch.float64)
+    rows = torch.tensor([0.01, 1, 1, 2, 2, 3], dtype=torch.float64)[:, None]  # row 0: zeroed
+    w = (torch.randn(6, 4, dtype=torch.float64) * rows).requires_grad_()
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+    def step(w, lr):
+        p = w.clone()
+        opt = cls([p], lr=lr, group_l1=3.0, differentiable=True)
+        p.grad = g.clone()
+        opt.step()
+        return p
+
+    assert not step(w, lr)[0].any() and step(w, lr)[1:].all()
+    assert torch.autograd.gradcheck(step, (w, lr))
