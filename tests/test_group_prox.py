@@ -133,25 +133,37 @@ def test_diag_group_prox_matches_reference(dtype, host_checks):
         )
 
 
-def test_newton_converges_in_few_iterations(monkeypatch):
-    """d spanning e^-12..e^12: 8 iterations reach what 100 reach (float64 and float32)."""
-    g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float64, torch.float32):
-        z = torch.randn(200, 30, generator=g, dtype=torch.float64).to(dtype)
-        d = torch.exp(4 * torch.randn(200, 30, generator=g, dtype=torch.float64)).to(dtype)
-        a = d * z
-        alive = torch.linalg.vector_norm(a, dim=1) > 0.5
-        hi = torch.linalg.vector_norm(z, dim=1)
-        full = group_prox._solve_rho(a, d, 0.5, alive, hi, False)
-        monkeypatch.setattr(group_prox, "MAX_ITERS", 8)
-        few = group_prox._solve_rho(a, d, 0.5, alive, hi, False)
-        monkeypatch.undo()
-        torch.testing.assert_close(few, full, rtol=4 * torch.finfo(dtype).eps, atol=0)
-        # h(rho) = 1 at the root
-        h = ((a / (d * full[:, None] + 0.5)) ** 2).sum(dim=1)
-        torch.testing.assert_close(
-            h[alive], torch.ones_like(h[alive]), rtol=0, atol=50 * torch.finfo(dtype).eps
-        )
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("spread", [1, 4, 12])
+@pytest.mark.parametrize("edge", [0.01, 0.5, 0.99])
+def test_newton_converges_in_few_iterations(dtype, spread, edge, monkeypatch):
+    """d = exp(spread * N(0, 1)) clamped to [1e-8, 1e8], groups of 50, c at a fraction ``edge``
+    of the median ||d z||: 8 iterations reach the converged root (4 ulps), so FIXED_ITERS (30,
+    the count without host checks) does; with equal d, one iteration lands on it."""
+    g = torch.Generator().manual_seed(spread)
+    z = torch.randn(500, 50, generator=g, dtype=torch.float64).to(dtype)
+    d = torch.exp(spread * torch.randn(500, 50, generator=g, dtype=torch.float64)).clamp(1e-8, 1e8)
+    d = d.to(dtype)
+    a = d * z
+    c = edge * float(torch.linalg.vector_norm(a, dim=1).median())
+    alive = torch.linalg.vector_norm(a, dim=1) > c
+    hi = torch.linalg.vector_norm(z, dim=1)
+    converged = group_prox._solve_rho(a, d, c, alive, hi, True)
+    assert group_prox.FIXED_ITERS >= 8
+    monkeypatch.setattr(group_prox, "FIXED_ITERS", 8)
+    few = group_prox._solve_rho(a, d, c, alive, hi, False)
+    torch.testing.assert_close(few, converged, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    h = ((a / (d * converged[:, None] + c)) ** 2).sum(dim=1)  # h(rho) = 1 at the root
+    torch.testing.assert_close(
+        h[alive], torch.ones_like(h[alive]), rtol=0, atol=50 * torch.finfo(dtype).eps
+    )
+    monkeypatch.setattr(group_prox, "FIXED_ITERS", 1)
+    flat = torch.full_like(d, 0.3)
+    norm = torch.linalg.vector_norm(flat * z, dim=1)
+    c = edge * float(norm.median())
+    one = group_prox._solve_rho(flat * z, flat, c, norm > c, hi, False)
+    exact = ((norm - c) / 0.3).clamp_min(0)  # (||a|| - c) / d, up to its cancellation
+    assert ((one - exact).abs() <= 8 * torch.finfo(dtype).eps * norm / 0.3).all()
 
 
 def test_nan_propagates_and_zero_group_gives_no_nan():
