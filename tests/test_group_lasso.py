@@ -356,3 +356,22 @@ def test_differentiable_step_gradcheck(cls):
 
     assert not step(w, lr)[0].any() and step(w, lr)[1:].all()
     assert torch.autograd.gradcheck(step, (w, lr))
+
+
+def test_compiled_step_matches_eager():
+    """torch.compile(opt.step) with group lasso (ProxSGD) computes what the eager step computes."""
+    rows = torch.tensor([0.05, 0.1, 1.0, 1.0, 2.0, 2.0])
+    w = (torch.randn(6, 4) * rows[:, None]).requires_grad_()
+    b = (torch.randn(6) * rows).requires_grad_()
+    w2, b2 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    opt = regoptim.ProxSGD([{"params": [w, b], "group_l1": 3.0}], lr=0.1, momentum=0.9)
+    eager = regoptim.ProxSGD([{"params": [w2, b2], "group_l1": 3.0}], lr=0.1, momentum=0.9)
+    compiled = torch.compile(opt.step, backend="aot_eager")
+    for _ in range(3):
+        g, gb = 0.1 * torch.randn(6, 4), 0.1 * torch.randn(6)
+        w.grad, b.grad, w2.grad, b2.grad = g, gb, g.clone(), gb.clone()
+        compiled()
+        eager.step()
+    torch.testing.assert_close(w, w2)
+    torch.testing.assert_close(b, b2)
+    assert 0 < regoptim.count_zero_groups([w, b])[0] < 6
