@@ -1,7 +1,8 @@
 """regoptim: drop-in torch.optim optimizers with exact, fast regularization.
 
-Coupled L2 (``weight_decay``), decoupled weight decay (``decoupled_weight_decay=True``, as AdamW)
-and proximal L1 soft-thresholding (``l1``: exact zeros), plus the workflow around them:
+Coupled L2 (``weight_decay``), decoupled weight decay (``decoupled_weight_decay=True``, as AdamW),
+proximal L1 soft-thresholding (``l1``: exact zeros) and group lasso (``group_l1``: whole neurons
+or filters at exact zero), plus the workflow around them:
 parameter groups that exempt biases and norms, penalties, sparsity reports, warm-started
 regularization paths (plots live in ``regoptim.plots``).
 """

@@ -104,6 +104,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _group_acc_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """float64 if any tensor of the group is, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _rows(t: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
     """``t`` as an (groups, elements per group) matrix in ``dtype``."""
     n = t.shape[axis]
@@ -131,7 +136,7 @@ def group_soft_threshold_(
     """
     if not tensors or tensors[0].shape[axes[0]] == 0:
         return
-    acc = _acc_dtype(tensors[0].dtype)
+    acc = _group_acc_dtype(tensors)
     # differentiable: from clones, which the norm keeps for the backward pass
     src = [t.clone() for t in tensors] if differentiable else tensors
     sq = sum(_rows(t, a, acc).square().sum(dim=1) for t, a in zip(src, axes, strict=True))
@@ -162,7 +167,7 @@ def group_prox_diag_(
     """
     if not tensors or tensors[0].shape[axes[0]] == 0:
         return
-    acc = _acc_dtype(tensors[0].dtype)
+    acc = _group_acc_dtype(tensors)
     z = torch.cat([_rows(t, a, acc) for t, a in zip(tensors, axes, strict=True)], dim=1)
     d = torch.cat([_rows(v, a, acc) for v, a in zip(denominators, axes, strict=True)], dim=1)
     c = on_device(threshold, z.device)

@@ -174,3 +174,15 @@ def test_nan_propagates_and_zero_group_gives_no_nan():
     group_prox.group_soft_threshold_([u], [0], 1.0)
     assert (u[0] == 0).all() and u[1].isnan().any()
     torch.testing.assert_close(u[2], torch.tensor([2.4, 3.2]))
+
+
+def test_mixed_dtypes_accumulate_in_float64():
+    """A group spanning a float32 and a float64 tensor: norms in float64 (the float64 tensor keeps
+    float64 accuracy), each stored in its own dtype."""
+    b = torch.tensor([4.0, 0.1], dtype=torch.float32)
+    w = torch.tensor([[3.0, 1 / 3], [1e-9, 0.0]], dtype=torch.float64)
+    expected = group_prox_ref([b, w], [0, 0], lr=1.0, group_l1=1.0)
+    group_prox.group_soft_threshold_([b, w], [0, 0], 1.0)
+    assert_close_to_ref(b, expected[0], torch.float32)
+    assert_close_to_ref(w, expected[1], torch.float64)
+    assert b.dtype == torch.float32 and w[1, 0] == 0
