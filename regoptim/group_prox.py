@@ -16,7 +16,8 @@ optimizers apply its exact proximal operator in the metric of their step:
   :math:`\sum_i (d_i z_i / (d_i\rho + \gamma\lambda))^2 = 1` in :math:`(0, \|z\|)`, found per group
   (vectorised over the groups) by Newton's method on
   :math:`\psi(\rho) = h(\rho)^{-1/2} - 1`, :math:`h(\rho) = \sum_i (d_i z_i/(d_i\rho+\gamma\lambda))^2`,
-  inside a bisection bracket. With equal :math:`d_i` one Newton step from 0 lands on the root.
+  inside a bisection bracket, starting from the bracket's left end (a proven lower bound of the
+  root, see ``_solve_rho``); with equal :math:`d_i` that start is the root.
 
 The float64 transcription is :func:`regoptim.reference.group_prox_ref`.
 """
@@ -35,8 +36,9 @@ from regoptim.optimizer import on_device, validate_non_negative
 __all__ = ["group_prox_diag_", "group_soft_threshold_", "resolve_group_axes"]
 
 # Newton iterations at most (each a handful of passes over the group's elements). Converging to
-# 4 ulps of the accumulation dtype took at most 8 on groups of 50 with d spread as exp(12 N(0,1))
-# (clamped to [1e-8, 1e8]), float32 and float64, and with equal d it takes 1.
+# 4 ulps of the accumulation dtype took at most 7 on 2000 groups of 50 with d spread as
+# exp(s N(0,1)), s up to 12 (clamped to [1e-8, 1e8]), and c from 1e-9 to 0.999999 of the median
+# ||d z||, in float32 and float64; with equal d it takes 1.
 MAX_ITERS = 100
 # Iterations run without host checks (capturable, differentiable, torch.compile, which unrolls
 # them): measured, not proven, to reach the converged value (tests/test_group_prox.py)
