@@ -44,7 +44,13 @@ _MISSES_BEFORE_GIVING_UP = 8
 
 
 def _structure(group: dict[str, Any], family: str) -> tuple:
-    flags = (group["foreach"], group["fused"], group.get("differentiable", False))
+    # group lasso needs the group prox after the kernel: never a plan (the full dispatch runs it)
+    flags = (
+        group["foreach"],
+        group["fused"],
+        group.get("differentiable", False),
+        group.get("group_l1", 0) != 0,
+    )
     if family == "sgd":
         return (*flags, group["momentum"] != 0)
     betas_are_tensors = isinstance(group["betas"][0], Tensor)
@@ -223,6 +229,7 @@ def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Non
         id(group) in plans
         or plans.get(("misses", id(group)), 0) >= _MISSES_BEFORE_GIVING_UP
         or torch.compiler.is_compiling()
+        or group.get("group_l1", 0) != 0
         or group["foreach"] is not None
         or getattr(opt, "grad_scale", None) is not None
     ):
