@@ -204,3 +204,17 @@ def test_params_list_edited_in_place() -> None:
     a.append(extra[0])
     b.append(extra[1])
     _steps(a, b, oa, ob, 2, 2)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_group_lasso_switched_on_takes_the_dispatch(case: str) -> None:
+    """A plan runs the kernel only: a group with group_l1 > 0 (the group prox after it) must
+    leave the plan, also when group_l1 is switched on after the plan was made."""
+    cls, kw = CASES[case]
+    a, b, oa, ob = _pair(cls, kw, shapes=((4, 5), (4,), (4, 3, 2)))
+    _steps(a, b, oa, ob, 0, 2)
+    assert _uses_plan(oa)
+    for opt in (oa, ob):
+        opt.param_groups[0]["group_l1"] = 1e3  # strong enough to zero whole slices
+    _steps(a, b, oa, ob, 2, 2)
+    assert (a[1] == 0).any()  # whole groups went to zero through the group prox
