@@ -50,6 +50,7 @@ def _structure(group: dict[str, Any], family: str) -> tuple:
         group["fused"],
         group.get("differentiable", False),
         group.get("group_l1", 0) != 0,
+        group.get("decay_scaling", "lr"),  # not "lr": the decay runs before the kernel
     )
     if family == "sgd":
         return (*flags, group["momentum"] != 0)
@@ -230,6 +231,7 @@ def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Non
         or plans.get(("misses", id(group)), 0) >= _MISSES_BEFORE_GIVING_UP
         or torch.compiler.is_compiling()
         or group.get("group_l1", 0) != 0
+        or group.get("decay_scaling", "lr") != "lr"
         or group["foreach"] is not None
         or getattr(opt, "grad_scale", None) is not None
     ):

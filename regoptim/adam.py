@@ -22,9 +22,11 @@ from regoptim.optimizer import (
     check_fused_params,
     group_tensors,
     on_device,
+    predecay_,
     resolve_impl,
     unscale_or_skip,
     validate_betas,
+    validate_decay_scaling,
     validate_flag,
     validate_lr,
     validate_non_negative,
@@ -116,6 +118,14 @@ class ProxAdam(ProxOptimizer):
         group_axes: the group axis of each parameter of the param group (``None``, the default:
             0 for each; negative axes count from the end). Every parameter needs the same size
             along its axis, and 0-d and complex parameters cannot be grouped.
+        decay_scaling: how decoupled decay follows the lr: ``"lr"`` (default, torch's
+            :math:`\theta \leftarrow \theta(1 - \gamma\lambda)`), ``"schedule"``
+            (:math:`\theta \leftarrow \theta(1 - \lambda\gamma/\gamma_0)`, with
+            :math:`\gamma_0` the group's ``initial_lr``: a scheduler's, else the lr at
+            construction; the decay follows the schedule's shape, not its scale) or ``"none"``
+            (:math:`\theta \leftarrow \theta(1 - \lambda)` every step, whatever the lr).
+            Decoupled decay only: a ValueError with coupled ``weight_decay``. Other than
+            ``"lr"``, the decay is one extra pass over the parameters before the step.
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick, as torch does). As in torch,
             a tensor ``lr`` cannot be combined with ``foreach=True`` unless ``capturable=True``.
@@ -151,6 +161,7 @@ class ProxAdam(ProxOptimizer):
         l1: float = 0.0,
         group_l1: float = 0.0,
         group_axes: list[int] | None = None,
+        decay_scaling: str = "lr",
         maximize: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
@@ -170,6 +181,7 @@ class ProxAdam(ProxOptimizer):
             "l1": l1,
             "group_l1": group_l1,
             "group_axes": group_axes,
+            "decay_scaling": decay_scaling,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -194,6 +206,7 @@ class ProxAdam(ProxOptimizer):
         validate_group_lasso(group)
         validate_flag(group["amsgrad"], "amsgrad")
         validate_flag(group["decoupled_weight_decay"], "decoupled_weight_decay")
+        validate_decay_scaling(group)
         validate_flag(group["maximize"], "maximize")
         validate_optional_flag(group["fused"], "fused")
         if group["fused"] and group["differentiable"]:
@@ -213,6 +226,7 @@ class ProxAdam(ProxOptimizer):
             group.setdefault("decoupled_weight_decay", self._default_decoupled())
             group.setdefault("l1", 0.0)
             group.setdefault("group_l1", 0.0)
+            group.setdefault("decay_scaling", "lr")
             group.setdefault("group_axes", None)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
@@ -327,6 +341,7 @@ class ProxAdam(ProxOptimizer):
             group, impl, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
         )
         beta1, beta2 = group["betas"]
+        weight_decay = predecay_(self, group, params)  # decay_scaling other than "lr"
         step = functools.partial(
             _IMPLS[impl],
             params,
@@ -342,7 +357,7 @@ class ProxAdam(ProxOptimizer):
             beta1=beta1,
             beta2=beta2,
             lr=group["lr"],
-            weight_decay=group["weight_decay"],
+            weight_decay=weight_decay,
             eps=group["eps"],
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
@@ -387,6 +402,14 @@ class ProxAdamW(ProxAdam):
             :class:`ProxAdam`).
         group_axes: the group axis of each parameter (``None``: 0 for each; see
             :class:`ProxAdam`).
+        decay_scaling: how decoupled decay follows the lr: ``"lr"`` (default, torch's
+            :math:`\theta \leftarrow \theta(1 - \gamma\lambda)`), ``"schedule"``
+            (:math:`\theta \leftarrow \theta(1 - \lambda\gamma/\gamma_0)`, with
+            :math:`\gamma_0` the group's ``initial_lr``: a scheduler's, else the lr at
+            construction; the decay follows the schedule's shape, not its scale) or ``"none"``
+            (:math:`\theta \leftarrow \theta(1 - \lambda)` every step, whatever the lr).
+            Decoupled decay only: a ValueError with coupled ``weight_decay``. Other than
+            ``"lr"``, the decay is one extra pass over the parameters before the step.
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick).
         capturable: keep ``step`` on the device for CUDA graphs (see :class:`ProxAdam`).
@@ -406,6 +429,7 @@ class ProxAdamW(ProxAdam):
         l1: float = 0.0,
         group_l1: float = 0.0,
         group_axes: list[int] | None = None,
+        decay_scaling: str = "lr",
         maximize: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
@@ -423,6 +447,7 @@ class ProxAdamW(ProxAdam):
             l1=l1,
             group_l1=group_l1,
             group_axes=group_axes,
+            decay_scaling=decay_scaling,
             maximize=maximize,
             foreach=foreach,
             capturable=capturable,

@@ -22,8 +22,10 @@ from regoptim.optimizer import (
     check_fused_params,
     group_tensors,
     on_device,
+    predecay_,
     resolve_impl,
     unscale_or_skip,
+    validate_decay_scaling,
     validate_flag,
     validate_lr,
     validate_non_negative,
@@ -108,6 +110,14 @@ class ProxSGD(ProxOptimizer):
         group_axes: the group axis of each parameter of the param group (``None``, the default:
             0 for each; negative axes count from the end). Every parameter needs the same size
             along its axis, and 0-d and complex parameters cannot be grouped.
+        decay_scaling: how decoupled decay follows the lr: ``"lr"`` (default, torch's
+            :math:`\theta \leftarrow \theta(1 - \gamma\lambda)`), ``"schedule"``
+            (:math:`\theta \leftarrow \theta(1 - \lambda\gamma/\gamma_0)`, with
+            :math:`\gamma_0` the group's ``initial_lr``: a scheduler's, else the lr at
+            construction; the decay follows the schedule's shape, not its scale) or ``"none"``
+            (:math:`\theta \leftarrow \theta(1 - \lambda)` every step, whatever the lr).
+            Decoupled decay only: a ValueError with coupled ``weight_decay``. Other than
+            ``"lr"``, the decay is one extra pass over the parameters before the step.
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick, as torch does).
         differentiable: run the step with autograd on, as ``torch.optim.SGD(differentiable=True)``
@@ -138,6 +148,7 @@ class ProxSGD(ProxOptimizer):
         l1: float = 0.0,
         group_l1: float = 0.0,
         group_axes: list[int] | None = None,
+        decay_scaling: str = "lr",
         maximize: bool = False,
         foreach: bool | None = None,
         differentiable: bool = False,
@@ -153,6 +164,7 @@ class ProxSGD(ProxOptimizer):
             "l1": l1,
             "group_l1": group_l1,
             "group_axes": group_axes,
+            "decay_scaling": decay_scaling,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -172,6 +184,7 @@ class ProxSGD(ProxOptimizer):
         validate_group_lasso(group)
         validate_flag(group["nesterov"], "nesterov")
         validate_flag(group["decoupled_weight_decay"], "decoupled_weight_decay")
+        validate_decay_scaling(group)
         validate_flag(group["maximize"], "maximize")
         validate_optional_flag(group["foreach"], "foreach")
         validate_optional_flag(group["fused"], "fused")
@@ -196,6 +209,7 @@ class ProxSGD(ProxOptimizer):
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("l1", 0.0)
             group.setdefault("group_l1", 0.0)
+            group.setdefault("decay_scaling", "lr")
             group.setdefault("group_axes", None)
 
     def _init_group(
@@ -235,6 +249,7 @@ class ProxSGD(ProxOptimizer):
         grads: list[Tensor] = []
         momentum_buffer_list: list[Tensor | None] = []
         has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
+        weight_decay = predecay_(self, group, params)  # decay_scaling other than "lr"
         prox_sgd(
             params,
             grads,
@@ -244,7 +259,7 @@ class ProxSGD(ProxOptimizer):
             fused=group["fused"],
             grad_scale=getattr(self, "grad_scale", None),
             found_inf=getattr(self, "found_inf", None),
-            weight_decay=group["weight_decay"],
+            weight_decay=weight_decay,
             momentum=group["momentum"],
             lr=group["lr"],
             dampening=group["dampening"],
