@@ -249,3 +249,57 @@ def test_fsdp2_matches_single_process_and_resumes_from_dcp(fsdp2_results: dict[s
 def test_fsdp2_prox_sgd_default_path(fsdp2_results: dict[str, str]) -> None:
     # the default path must not hand DTensors to torch's fused CPU SGD (no sharding strategy)
     assert fsdp2_results["ProxSGD-default"] == "ok"
+
+
+# --- FSDP2 with group lasso ----------------------------------------------------------------------
+
+# (optimizer, kwargs, group_l1 of the row groups of layer 0, of the column groups of layer 2):
+# strengths that zero some groups and keep others, in both layers
+GROUP_STEPS = 6
+GROUP_CONFIGS: dict[str, tuple[type, dict[str, Any], float, float]] = {
+    "ProxSGD": (regoptim.ProxSGD, {"lr": 0.1, "momentum": 0.9}, 0.9, 0.5),
+    "ProxAdamW": (regoptim.ProxAdamW, {"lr": 5e-2, "l1": 0.05}, 0.02, 0.02),
+}
+
+
+def _group_lasso_groups(model: torch.nn.Module, rows: float, cols: float) -> list[dict[str, Any]]:
+    """Rows of layer 0 with their bias entries (whole on each rank under dim-0 sharding) and
+    columns of layer 2 (split across the ranks: their norms need the other rank's part)."""
+    return [
+        {"params": [model[0].weight, model[0].bias], "group_l1": rows},
+        {"params": [model[2].weight], "group_l1": cols, "group_axes": [1]},
+        {"params": [model[2].bias]},
+    ]
+
+
+def _group_lasso_worker(rank: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for cls, kwargs, rows, cols in GROUP_CONFIGS.values():
+        model = _sharded(mesh, 0)
+        opt = cls(_group_lasso_groups(model, rows, cols), **kwargs)
+        for x, y in make_batches(GROUP_STEPS, batch=BATCH, dtype=DTYPE):
+            opt.zero_grad()
+            loss_fn(model, _local(x, rank), _local(y, rank)).backward()
+            opt.step()
+        params = [p.full_tensor().detach() for p in model.parameters()]
+        _assert_same_on_all_ranks(params)
+        single = make_model(dtype=DTYPE)
+        ref_opt = cls(_group_lasso_groups(single, rows, cols), **kwargs)
+        for x, y in make_batches(GROUP_STEPS, batch=BATCH, dtype=DTYPE):
+            ref_opt.zero_grad()
+            loss_fn(single, x, y).backward()
+            ref_opt.step()
+        _assert_matches_single(params, params_of(single))
+        w0, w2 = params[0], params[2]
+        zero_rows = (w0 == 0).all(dim=1)
+        zero_cols = (w2 == 0).all(dim=0)
+        assert 0 < int(zero_rows.sum()) < w0.shape[0], "no partly zero layer-0 rows"
+        assert 0 < int(zero_cols.sum()) < w2.shape[1], "no partly zero layer-2 columns"
+
+
+def test_fsdp2_group_lasso_matches_single_process(tmp_path: Any) -> None:
+    """Group norms over sharded slices (layer 2's columns under dim-0 sharding) are reduced
+    across the ranks: the same zero groups and values as one process."""
+    run_distributed(_group_lasso_worker, tmp_path=tmp_path)
