@@ -11,10 +11,11 @@ with ordinary stores (ATen's vectorized loops use no non-temporal stores) each l
 read from memory before it is written, so the memory actually moves up to 4/3 of the counted
 bytes. An optimizer step updates ``p``, ``b``, ``m``, ``v`` in place, so the lines it writes were
 just read and it pays no write-allocate; its effective bandwidth (the bytes-moved model in
-``benchmarks/_common.py``) can therefore exceed the triad figure by up to a third. A step at 100%
-of the triad ceiling moves memory as fast as a plain streaming kernel does on that machine.
-``triad_bandwidth(..., inplace=True)`` times ``b += s * c`` instead (no write-allocate, like the
-optimizers); ``run.py`` reports it as a second, informational figure.
+``benchmarks/_common.py``) can therefore exceed the triad figure by up to a third.
+``triad_bandwidth(..., inplace=True)`` times ``b += s * c`` instead: the same 2 reads + 1 write,
+in place, no write-allocate, like the optimizers. ``run.py`` takes that in-place figure as the
+CPU ceiling of its "% of peak" column (a step at 100% moves memory as fast as a plain in-place
+streaming kernel on that machine) and reports the classic triad beside it.
 """
 
 from __future__ import annotations
