@@ -43,7 +43,7 @@ SKIP_DIFFERENTIABLE_CHECKPOINT = (
     "a differentiable step's state lies in an autograd graph (deepcopy refuses it)"
 )
 # hyperparameters regoptim adds to torch's (shown by repr, absent from torch's groups)
-_GROUP_KEYS = {"group_l1", "group_axes"}
+_GROUP_KEYS = {"group_l1", "group_axes", "decay_scaling"}
 EXTRA_KEYS = {
     "SGD": {"l1", "decoupled_weight_decay", *_GROUP_KEYS},
     "Adam": {"l1", *_GROUP_KEYS},
