@@ -1,7 +1,8 @@
 """regoptim: drop-in torch.optim optimizers with exact, fast regularization.
 
-Coupled L2 (``weight_decay``), decoupled weight decay (``decoupled_weight_decay=True``, as AdamW)
-and proximal L1 soft-thresholding (``l1``: exact zeros), plus the workflow around them:
+Coupled L2 (``weight_decay``), decoupled weight decay (``decoupled_weight_decay=True``, as AdamW),
+proximal L1 soft-thresholding (``l1``: exact zeros) and group lasso (``group_l1``: whole neurons
+or filters at exact zero), plus the workflow around them:
 parameter groups that exempt biases and norms, penalties, sparsity reports, warm-started
 regularization paths (plots live in ``regoptim.plots``).
 """
@@ -13,11 +14,12 @@ from regoptim.penalties import l1_penalty, l2_penalty
 from regoptim.prox import soft_threshold, soft_threshold_
 from regoptim.schedules import ParamGroupSchedule, schedule
 from regoptim.sgd import ProxSGD
-from regoptim.sparsity import SparsityReport, SparsityRow, sparsity
+from regoptim.sparsity import GroupSparsityRow, SparsityReport, SparsityRow, sparsity
 from regoptim.sparsity_target import SparsityTarget, count_zero_groups
 from regoptim.structure import SlimReport, UntraceableModelError, slim, structured_groups
 
 __all__ = [
+    "GroupSparsityRow",
     "ProxAdam",
     "ProxAdamW",
     "ParamGroupSchedule",

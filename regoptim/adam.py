@@ -15,6 +15,7 @@ from regoptim import _plan
 from regoptim._eager_prox import adam_prox_l1_
 from regoptim._fused import call_fused
 from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
+from regoptim.group_prox import apply_group_prox_, resolve_group_axes, validate_group_lasso
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -45,7 +46,8 @@ class ProxAdam(ProxOptimizer):
        \begin{aligned}
             &\textbf{input}: \gamma \text{ (lr)}, \beta_1, \beta_2 \text{ (betas)},
                 \theta_0 \text{ (params)}, f(\theta) \text{ (objective)},
-                \lambda \text{ (weight decay)}, \kappa \text{ (l1)}, \epsilon,
+                \lambda \text{ (weight decay)}, \kappa \text{ (l1)}, \eta \text{ (group\_l1)},
+                \epsilon,
                 \textit{amsgrad}, \textit{maximize}, \textit{decoupled} \\
             &m_0 \leftarrow 0,\ v_0 \leftarrow 0,\ \hat v^{max}_0 \leftarrow 0 \\
             &\textbf{for}\ t=1\ \textbf{to}\ \ldots\ \textbf{do} \\
@@ -65,6 +67,10 @@ class ProxAdam(ProxOptimizer):
             &\quad \textbf{if}\ \kappa \neq 0:
                 \ \theta_t \leftarrow \operatorname{sign}(\theta_t)
                 \max(|\theta_t| - \gamma\kappa / d_t,\ 0) && \text{5. proximal L1} \\
+            &\quad \textbf{if}\ \eta \neq 0: \textbf{ for each group } g:
+                \ \theta_{t,g} \leftarrow \operatorname{argmin}_x\ \gamma\eta\|x\|_2
+                + \tfrac12 \textstyle\sum_i d_{t,i} (x_i - \theta_{t,g,i})^2
+                && \text{6. group prox} \\
             &\textbf{return}\ \theta_t
        \end{aligned}
 
@@ -74,6 +80,20 @@ class ProxAdam(ProxOptimizer):
     soft-thresholded by :math:`\gamma\kappa/d_t`, with :math:`d_t` the same denominator the update
     used (the running max of :math:`v` under amsgrad). Weights the data do not support land on
     exact zeros.
+
+    Step 6 (group lasso, ``group_l1 > 0``) is the exact prox of :math:`\eta\sum_g\|\theta_g\|_2`
+    in the same metric; steps 5 then 6 are together the exact prox of the sparse group lasso
+    :math:`\kappa\|\theta\|_1 + \eta\sum_g\|\theta_g\|_2`. With :math:`z = \theta_{t,g}` (after
+    step 5) and :math:`c = \gamma\eta`: the group is exactly zero iff
+    :math:`\|d \odot z\|_2 \le c`; otherwise :math:`x_i = d_i z_i \rho / (d_i \rho + c)`, where
+    :math:`\rho = \|x\|_2` is the root in :math:`(0, \|z\|]` of
+    :math:`\sum_i (d_i z_i / (d_i \rho + c))^2 = 1`, solved per group to the parameter's float
+    precision (safeguarded Newton, vectorised over the groups; ``regoptim.group_prox``). Group
+    :math:`g` is slice :math:`g` of every parameter of the param group along its axis in
+    ``group_axes``. The prox covers the param group's parameters without a gradient this step too
+    (the step leaves them as they are), with :math:`d` from their state's last update, or
+    :math:`d = \epsilon` (Adam's :math:`v = 0`) if they have none yet; it does not run when no
+    parameter of the group has a gradient.
 
     Args:
         params: iterable of parameters or named parameters to optimize, or of dicts defining
@@ -88,6 +108,14 @@ class ProxAdam(ProxOptimizer):
         decoupled_weight_decay: AdamW's decoupled decay instead of the coupled L2 gradient
             (default: False).
         l1: L1 strength :math:`\kappa` of the proximal step (default: 0).
+        group_l1: group lasso strength :math:`\eta` (default: 0), unweighted: every group has
+            the same strength whatever its size (to weight by size, as Yuan & Lin, give each group
+            size its own param group with ``group_l1`` times ``sqrt(group size)``). regoptim's fused
+            kernels do not implement it: the default path takes torch's paths for such a group,
+            and ``fused=True`` runs the fused step, then the group prox in torch.
+        group_axes: the group axis of each parameter of the param group (``None``, the default:
+            0 for each; negative axes count from the end). Every parameter needs the same size
+            along its axis, and 0-d and complex parameters cannot be grouped.
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick, as torch does). As in torch,
             a tensor ``lr`` cannot be combined with ``foreach=True`` unless ``capturable=True``.
@@ -121,6 +149,8 @@ class ProxAdam(ProxOptimizer):
         *,
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
+        group_l1: float = 0.0,
+        group_axes: list[int] | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
@@ -138,6 +168,8 @@ class ProxAdam(ProxOptimizer):
             "amsgrad": amsgrad,
             "decoupled_weight_decay": decoupled_weight_decay,
             "l1": l1,
+            "group_l1": group_l1,
+            "group_axes": group_axes,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -159,6 +191,7 @@ class ProxAdam(ProxOptimizer):
         validate_betas(group["betas"], capturable=group["capturable"], foreach=group["foreach"])
         validate_non_negative(group["weight_decay"], "weight_decay")
         validate_non_negative(group["l1"], "l1")
+        validate_group_lasso(group)
         validate_flag(group["amsgrad"], "amsgrad")
         validate_flag(group["decoupled_weight_decay"], "decoupled_weight_decay")
         validate_flag(group["maximize"], "maximize")
@@ -179,6 +212,8 @@ class ProxAdam(ProxOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", self._default_decoupled())
             group.setdefault("l1", 0.0)
+            group.setdefault("group_l1", 0.0)
+            group.setdefault("group_axes", None)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
@@ -260,6 +295,11 @@ class ProxAdam(ProxOptimizer):
         return self._step_groups(closure, self._step_group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        if group["group_l1"] != 0:  # group lasso: the full dispatch, never the cached plan
+            # group_axes edited in place: caught before any update
+            resolve_group_axes(group["params"], group["group_axes"])
+            self._dispatch_group(group)
+            return
         if _plan.adam_step(self, group):  # the cached default CPU path (regoptim/_plan.py)
             return
         self._dispatch_group(group)
@@ -278,6 +318,7 @@ class ProxAdam(ProxOptimizer):
             torch_fused_ok=not isinstance(group["betas"][0], Tensor),
             differentiable=group["differentiable"],
             capturable=group["capturable"],
+            fused_ok=group["group_l1"] == 0,
         )
         params: list[Tensor] = []
         grads: list[Tensor] = []
@@ -312,6 +353,8 @@ class ProxAdam(ProxOptimizer):
             **_eager_flags(impl, group["capturable"], group["differentiable"]),
         )
         call_fused(step, default_path=impl == "fused" and group["fused"] is None)
+        if group["group_l1"] != 0:
+            apply_group_prox_(self, group, adam=True)
 
 
 def _squeezed(beta: Any) -> Any:
@@ -343,6 +386,10 @@ class ProxAdamW(ProxAdam):
         weight_decay: decoupled weight decay coefficient (default: 1e-2).
         amsgrad: use the running maximum of the second moment (default: False).
         l1: L1 strength of the proximal step in Adam's metric (default: 0).
+        group_l1: group lasso strength, its prox in Adam's metric (default: 0; see
+            :class:`ProxAdam`).
+        group_axes: the group axis of each parameter (``None``: 0 for each; see
+            :class:`ProxAdam`).
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick).
         capturable: keep ``step`` on the device for CUDA graphs (see :class:`ProxAdam`).
@@ -360,6 +407,8 @@ class ProxAdamW(ProxAdam):
         amsgrad: bool = False,
         *,
         l1: float = 0.0,
+        group_l1: float = 0.0,
+        group_axes: list[int] | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
@@ -375,6 +424,8 @@ class ProxAdamW(ProxAdam):
             amsgrad=amsgrad,
             decoupled_weight_decay=True,
             l1=l1,
+            group_l1=group_l1,
+            group_axes=group_axes,
             maximize=maximize,
             foreach=foreach,
             capturable=capturable,
@@ -415,12 +466,16 @@ def prox_adam(
     eps: float,
     maximize: bool,
     l1: float = 0.0,
+    group_l1: float = 0.0,
     capturable: bool = False,
     differentiable: bool = False,
 ) -> None:
     """Functional ProxAdam: picks the implementation and runs one step. See :class:`ProxAdam`.
 
     The state tensors must already exist (zeros and a 0-d ``step`` tensor on the first step).
+    ``group_l1`` only steers the choice of implementation (a non-zero value keeps the default path
+    off regoptim's fused kernels): the group prox needs every parameter of the param group, so
+    :class:`ProxAdam` applies it after this step (``regoptim.group_prox``).
     """
     if not params:
         return
@@ -432,6 +487,7 @@ def prox_adam(
         torch_fused_ok=not isinstance(beta1, Tensor),
         differentiable=differentiable,
         capturable=capturable,
+        fused_ok=group_l1 == 0,
     )
     step = functools.partial(
         _IMPLS[impl],

@@ -168,6 +168,7 @@ def resolve_impl(
     torch_fused_ok: bool = True,
     differentiable: bool = False,
     capturable: bool = False,
+    fused_ok: bool = True,
 ) -> Impl:
     """Pick the implementation of one step for one param group.
 
@@ -179,6 +180,8 @@ def resolve_impl(
     for-loop/foreach path (the fused kernels are dense). With neither flag given,
     ``differentiable=True`` takes the for-loop (autograd through the step) and ``capturable=True``
     what torch picks (its capturable for-loop/foreach, which never reads the step on the host).
+    ``fused_ok=False`` (a regularizer regoptim's fused kernels lack, as group lasso): neither flag
+    given never picks regoptim's fused kernels (Triton, C++), only torch's paths.
     """
     compiling = torch.compiler.is_compiling()
     if any(g.is_sparse for g in grads) if compiling else any(map(_IS_SPARSE, grads)):
@@ -209,7 +212,7 @@ def resolve_impl(
     torch_fused_dtypes = dtypes <= _TORCH_FUSED_CPU_DTYPE_SET
     float32 = dtypes == {torch.float32}
     same_strides = list(map(_STRIDE, params)) == list(map(_STRIDE, grads))
-    if plain and floating and cuda and _triton_fused_default_ok(params):
+    if fused_ok and plain and floating and cuda and _triton_fused_default_ok(params):
         return "fused"
     # plain tensors only: torch's fused SGD kernel has no DTensor (FSDP2) sharding strategy, and
     # under torch.compile torch runs its fused kernels outside dynamo (graph breaks)
@@ -217,7 +220,7 @@ def resolve_impl(
         # float32: regoptim's one-pass C++ kernel, built at install time (bitwise torch's fused
         # kernel when the regularizers are off); without that build, torch's fused kernel plus
         # the regularizers' extra pass
-        if float32 and _cpu_kernel_installed():
+        if fused_ok and float32 and _cpu_kernel_installed():
             return "fused"
         return "torch_fused"
     return _torch_default(params)

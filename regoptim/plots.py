@@ -146,6 +146,10 @@ def plot_weight_distributions(
     return _save(fig, path)
 
 
+def _group_labels(report: SparsityReport) -> list[str]:
+    return [f"groups: {', '.join(r.params)}" for r in report.groups]
+
+
 def plot_sparsity(
     reports: SparsityReport | Mapping[str, SparsityReport],
     *,
@@ -161,6 +165,9 @@ def plot_sparsity(
         path: where to write the figure, if given.
         title: the figure's title.
         near: also draw the near-zero fraction (``|w| <= atol``) as a hatched outline behind.
+
+    Reports made with ``sparsity(..., optimizer=opt)`` also get a bar per param group with group
+    lasso (labelled ``groups: <its parameters>``): the fraction of its groups exactly 0.
     """
     if isinstance(reports, SparsityReport):
         reports = {"": reports}
@@ -170,6 +177,10 @@ def plot_sparsity(
     layers: list[str] = []
     for rep in reports.values():
         layers += [r.name for r in rep.rows if r.name not in layers]
+    group_layers: list[str] = []
+    for rep in reports.values():
+        group_layers += [n for n in _group_labels(rep) if n not in group_layers]
+    layers += group_layers
     layers.append("total")
     k = len(labels)
     height = 0.8 / k
@@ -177,7 +188,11 @@ def plot_sparsity(
     ax = fig.subplots()
     for j, (lab, rep) in enumerate(reports.items()):
         rows = {r.name: r for r in rep.rows}
-        exact = [rows[n].fraction if n in rows else 0.0 for n in layers[:-1]] + [rep.fraction]
+        groups = dict(zip(_group_labels(rep), rep.groups, strict=True))
+        exact = [
+            rows[n].fraction if n in rows else groups[n].fraction if n in groups else 0.0
+            for n in layers[:-1]
+        ] + [rep.fraction]
         approx = [rows[n].near_fraction if n in rows else 0.0 for n in layers[:-1]]
         approx.append(rep.near_fraction)
         ys = [i + (j - (k - 1) / 2) * height for i in range(len(layers))]
@@ -197,7 +212,11 @@ def plot_sparsity(
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     atol = next(iter(reports.values())).atol
-    xlabel = "% of weights exactly 0"
+    xlabel = (
+        "% of weights (of groups: groups bars) exactly 0"
+        if group_layers
+        else "% of weights exactly 0"
+    )
     if near:
         xlabel += f"  (hatched outline: |w| <= {atol:g})"
     ax.set_xlabel(xlabel)

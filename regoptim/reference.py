@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["adam_step", "sgd_step", "soft_threshold_ref"]
+__all__ = ["adam_denominator_ref", "adam_step", "group_prox_ref", "sgd_step", "soft_threshold_ref"]
 
 
 def _f64(t: Tensor) -> Tensor:
@@ -175,3 +175,64 @@ def _as_real(t: Tensor) -> Tensor:
 
 def _as_like(t: Tensor, complex_param: bool) -> Tensor:
     return torch.view_as_complex(t.contiguous()) if complex_param else t
+
+
+def adam_denominator_ref(
+    state: dict[str, Any], *, betas: tuple[float, float], eps: float, amsgrad: bool
+) -> Tensor:
+    """``d_t = sqrt(v_hat_t) / sqrt(1 - beta2^t) + eps`` from a reference state after its step."""
+    v = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
+    return torch.sqrt(v) / math.sqrt(1 - betas[1] ** state["step"]) + eps
+
+
+def group_prox_ref(
+    params: list[Tensor],
+    axes: list[int],
+    *,
+    lr: float,
+    group_l1: float,
+    denominators: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """Group lasso's step 6 for one param group, one group at a time, in float64.
+
+    Slice ``i`` of ``params[j]`` along ``axes[j]`` is part of group ``i``. Without
+    ``denominators`` (ProxSGD): ``x_g * max(0, 1 - lr*group_l1 / ||x_g||)``. With them (ProxAdam,
+    ``d`` per element): ``x = argmin_x lr*group_l1*||x|| + sum_i d_i (x_i - z_i)^2 / 2``, which is
+    0 iff ``||d * z|| <= lr*group_l1``, else ``x_i = d_i z_i rho / (d_i rho + lr*group_l1)`` with
+    ``rho`` the root of ``sum_i (d_i z_i / (d_i rho + lr*group_l1))^2 = 1`` in ``(0, ||z||]``
+    (decreasing in rho), found here by 200 bisections.
+    """
+    c = lr * group_l1
+    zs = [_f64(p) for p in params]
+    ds = (
+        [torch.ones_like(z) for z in zs]
+        if denominators is None
+        else [_f64(d) for d in denominators]
+    )
+    outs = [z.clone() for z in zs]
+    n = zs[0].shape[axes[0]]
+    for i in range(n):
+        z = torch.cat([zz.select(a, i).reshape(-1) for zz, a in zip(zs, axes, strict=True)])
+        d = torch.cat([dd.select(a, i).reshape(-1) for dd, a in zip(ds, axes, strict=True)])
+        if denominators is None:
+            norm = float(torch.linalg.vector_norm(z))
+            x = z * max(0.0, 1 - c / norm) if norm > 0 else torch.zeros_like(z)
+        elif float(torch.linalg.vector_norm(d * z)) <= c:
+            x = torch.zeros_like(z)
+        else:
+            lo, hi = 0.0, float(torch.linalg.vector_norm(z))
+            for _ in range(200):
+                mid = (lo + hi) / 2
+                if float(((d * z / (d * mid + c)) ** 2).sum()) > 1:
+                    lo = mid
+                else:
+                    hi = mid
+            rho = (lo + hi) / 2
+            x = d * z * rho / (d * rho + c)
+        start = 0
+        for out, a in zip(outs, axes, strict=True):
+            sl = out.select(a, i)
+            m = sl.numel()
+            sl.copy_(x[start : start + m].reshape(sl.shape))
+            start += m
+    return outs

@@ -15,6 +15,7 @@ from regoptim import _plan
 from regoptim._eager_prox import decay_, prox_l1_
 from regoptim._fused import call_fused
 from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
+from regoptim.group_prox import apply_group_prox_, resolve_group_axes, validate_group_lasso
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
@@ -43,7 +44,7 @@ class ProxSGD(ProxOptimizer):
        \begin{aligned}
             &\textbf{input}: \gamma \text{ (lr)}, \theta_0 \text{ (params)}, f(\theta)
                 \text{ (objective)}, \lambda \text{ (weight decay)}, \mu \text{ (momentum)},
-                \tau \text{ (dampening)}, \kappa \text{ (l1)},
+                \tau \text{ (dampening)}, \kappa \text{ (l1)}, \eta \text{ (group\_l1)},
                 \textit{nesterov}, \textit{maximize}, \textit{decoupled} \\
             &\textbf{for}\ t=1\ \textbf{to}\ \ldots\ \textbf{do} \\
             &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
@@ -63,6 +64,9 @@ class ProxSGD(ProxOptimizer):
             &\quad \textbf{if}\ \kappa \neq 0:
                 \ \theta_t \leftarrow \operatorname{sign}(\theta_t)
                 \max(|\theta_t| - \gamma\kappa,\ 0) && \text{5. proximal L1} \\
+            &\quad \textbf{if}\ \eta \neq 0: \textbf{ for each group } g:
+                \ \theta_{t,g} \leftarrow \theta_{t,g}
+                \max(0,\ 1 - \gamma\eta / \|\theta_{t,g}\|_2) && \text{6. group prox} \\
             &\textbf{return}\ \theta_t
        \end{aligned}
 
@@ -71,6 +75,16 @@ class ProxSGD(ProxOptimizer):
     exactly, so weights that the data do not support land on exact zeros instead of wobbling
     around zero as they do with an L1 term in the loss. For complex parameters it shrinks the
     modulus and keeps the phase.
+
+    Step 6 (group lasso, ``group_l1 > 0``) is the proximal operator of
+    :math:`\gamma\eta\sum_g \|\theta_g\|_2` (block soft-thresholding): a group whose norm is at
+    most :math:`\gamma\eta` becomes exactly zero (a whole neuron or filter), the others shrink
+    toward zero; a zero group stays zero. Group :math:`g` is slice :math:`g` of every parameter of
+    the param group along its axis in ``group_axes``, so one group can span several tensors. It
+    runs over all the param group's parameters, those without a gradient this step included
+    (the step leaves them as they are; their values count in their groups' norms); it does not
+    run when no parameter of the group has a gradient. Steps 5 then 6 are together the exact prox
+    of :math:`\gamma(\kappa\|\theta\|_1 + \eta\sum_g\|\theta_g\|_2)` (sparse group lasso).
 
     Args:
         params: iterable of parameters or named parameters to optimize, or of dicts defining
@@ -85,6 +99,15 @@ class ProxSGD(ProxOptimizer):
             adding :math:`\lambda\theta` to the gradient, so the decay bypasses momentum, as AdamW
             does for Adam (default: False).
         l1: L1 strength :math:`\kappa` of the proximal soft-threshold step (default: 0).
+        group_l1: group lasso strength :math:`\eta` (default: 0), unweighted: every group has
+            the same strength whatever its size. To weight by group size as Yuan & Lin do, put
+            groups of one size in their own param group with ``group_l1`` times
+            ``sqrt(group size)``. regoptim's fused kernels do not implement it: the default path
+            takes torch's paths for such a group, and ``fused=True`` runs the fused step, then
+            the group prox in torch.
+        group_axes: the group axis of each parameter of the param group (``None``, the default:
+            0 for each; negative axes count from the end). Every parameter needs the same size
+            along its axis, and 0-d and complex parameters cannot be grouped.
         maximize: maximize the objective instead of minimizing it (default: False).
         foreach: use torch's foreach implementation (``None``: pick, as torch does).
         differentiable: run the step with autograd on, as ``torch.optim.SGD(differentiable=True)``
@@ -113,6 +136,8 @@ class ProxSGD(ProxOptimizer):
         *,
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
+        group_l1: float = 0.0,
+        group_axes: list[int] | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         differentiable: bool = False,
@@ -126,6 +151,8 @@ class ProxSGD(ProxOptimizer):
             "nesterov": nesterov,
             "decoupled_weight_decay": decoupled_weight_decay,
             "l1": l1,
+            "group_l1": group_l1,
+            "group_axes": group_axes,
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
@@ -142,6 +169,7 @@ class ProxSGD(ProxOptimizer):
             raise ValueError(f"Invalid dampening value: {group['dampening']} (must be in [0, 1])")
         validate_non_negative(group["weight_decay"], "weight_decay")
         validate_non_negative(group["l1"], "l1")
+        validate_group_lasso(group)
         validate_flag(group["nesterov"], "nesterov")
         validate_flag(group["decoupled_weight_decay"], "decoupled_weight_decay")
         validate_flag(group["maximize"], "maximize")
@@ -167,6 +195,8 @@ class ProxSGD(ProxOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("decoupled_weight_decay", False)
             group.setdefault("l1", 0.0)
+            group.setdefault("group_l1", 0.0)
+            group.setdefault("group_axes", None)
 
     def _init_group(
         self,
@@ -193,6 +223,11 @@ class ProxSGD(ProxOptimizer):
         return self._step_groups(closure, self._step_group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        if group["group_l1"] != 0:  # group lasso: the full dispatch, never the cached plan
+            # group_axes edited in place: caught before any update
+            resolve_group_axes(group["params"], group["group_axes"])
+            self._dispatch_group(group)
+            return
         if _plan.sgd_step(self, group):  # the cached default CPU path (regoptim/_plan.py)
             return
         self._dispatch_group(group)
@@ -220,12 +255,15 @@ class ProxSGD(ProxOptimizer):
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             l1=group["l1"],
+            group_l1=group["group_l1"],
             differentiable=group["differentiable"],
         )
         if group["momentum"] != 0:
             for p, buf in zip(params, momentum_buffer_list, strict=True):
                 if buf is not None:
                     self.state[p]["momentum_buffer"] = buf
+        if group["group_l1"] != 0:
+            apply_group_prox_(self, group, adam=False)
 
 
 def prox_sgd(
@@ -246,12 +284,16 @@ def prox_sgd(
     maximize: bool,
     decoupled_weight_decay: bool = False,
     l1: float = 0.0,
+    group_l1: float = 0.0,
     differentiable: bool = False,
 ) -> None:
     """Functional ProxSGD: picks the implementation and runs one step. See :class:`ProxSGD`.
 
     ``momentum_buffer_list`` entries that are ``None`` are created (first step) and written back
-    into the list, as in ``torch.optim.sgd.sgd``.
+    into the list, as in ``torch.optim.sgd.sgd``. ``group_l1`` only steers the choice of
+    implementation (a non-zero value keeps the default path off regoptim's fused kernels): the
+    group prox needs every parameter of the param group, with or without a gradient, so
+    :class:`ProxSGD` applies it after this step (``regoptim.group_prox``).
     """
     if not params:
         return
@@ -260,7 +302,14 @@ def prox_sgd(
             "ProxSGD: coupled weight_decay does not support sparse gradients (neither does "
             "torch.optim.SGD); use decoupled_weight_decay=True or dense gradients"
         )
-    impl = resolve_impl(params, grads, foreach=foreach, fused=fused, differentiable=differentiable)
+    impl = resolve_impl(
+        params,
+        grads,
+        foreach=foreach,
+        fused=fused,
+        differentiable=differentiable,
+        fused_ok=group_l1 == 0,
+    )
     if differentiable and impl == "fused":
         raise RuntimeError("`fused` does not support `differentiable`")
     func = {

@@ -14,6 +14,11 @@ and whose numbers are plain attributes. After ``regoptim compare``'s ProxSGD run
     >>> report.fraction, report["fc1.weight"].zeros
     (0.858..., 14262)
 
+With ``optimizer=`` it also reports structured sparsity: for each param group with group lasso
+(``group_l1 > 0``), how many of its groups (see :func:`regoptim.count_zero_groups`) are exactly
+zero, in ``report.groups`` and, when printed, as a second table with the columns
+``param group  parameters  groups  zero groups  zero %``.
+
 "Exact zero" means ``w == 0`` (``-0.0`` included). "Near zero" means ``|w| <= atol`` and
 includes the exact zeros, so ``near_zeros >= zeros``; the gap between the two is what an L1
 term in the loss leaves behind (tiny, never exactly zero, weights). NaN counts as neither.
@@ -27,8 +32,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
-__all__ = ["SparsityReport", "SparsityRow", "sparsity"]
+from regoptim.sparsity_target import _group_axes, count_zero_groups
+
+__all__ = ["GroupSparsityRow", "SparsityReport", "SparsityRow", "sparsity"]
 
 ModelOrParams = nn.Module | Tensor | Mapping[str, Tensor] | Iterable[Tensor | tuple[str, Tensor]]
 
@@ -55,11 +63,28 @@ class SparsityRow:
 
 
 @dataclass(frozen=True)
+class GroupSparsityRow:
+    """The zero groups of one param group with group lasso."""
+
+    index: int  # in ``optimizer.param_groups``
+    params: tuple[str, ...]  # the parameters' names (``param_groups[i][j]`` when unnamed)
+    groups: int
+    zero_groups: int
+
+    @property
+    def fraction(self) -> float:
+        """Zero groups / groups (``0.0`` without groups)."""
+        return self.zero_groups / self.groups if self.groups else 0.0
+
+
+@dataclass(frozen=True)
 class SparsityReport:
-    """Per-tensor rows and global totals; iterate it, index it by name, print it."""
+    """Per-tensor rows and global totals; iterate it, index it by name, print it. ``groups``: one
+    row per param group with group lasso, when ``sparsity`` was given the optimizer."""
 
     rows: tuple[SparsityRow, ...]
     atol: float
+    groups: tuple[GroupSparsityRow, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -118,6 +143,16 @@ class SparsityReport:
                 }
                 for r in self.rows
             ],
+            "groups": [
+                {
+                    "index": r.index,
+                    "params": list(r.params),
+                    "groups": r.groups,
+                    "zero_groups": r.zero_groups,
+                    "fraction": r.fraction,
+                }
+                for r in self.groups
+            ],
         }
 
     def __str__(self) -> str:
@@ -151,7 +186,28 @@ class SparsityReport:
             cells += [cell.rjust(w) for cell, w in zip(line[2:], widths[2:], strict=True)]
             return "  ".join(cells).rstrip()
 
-        return "\n".join(fmt(line) for line in table)
+        text = "\n".join(fmt(line) for line in table)
+        return text + ("\n\n" + self._groups_table() if self.groups else "")
+
+    def _groups_table(self) -> str:
+        header = ("param group", "parameters", "groups", "zero groups", "zero %")
+        table = [header] + [
+            (
+                str(r.index),
+                ", ".join(r.params),
+                str(r.groups),
+                str(r.zero_groups),
+                f"{100 * r.fraction:.1f}%",
+            )
+            for r in self.groups
+        ]
+        widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+        lines = []
+        for line in table:
+            cells = [line[0].ljust(widths[0]), line[1].ljust(widths[1])]
+            cells += [cell.rjust(w) for cell, w in zip(line[2:], widths[2:], strict=True)]
+            lines.append("  ".join(cells).rstrip())
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return (
@@ -190,7 +246,9 @@ def _named_tensors(obj: ModelOrParams) -> list[tuple[str, Tensor]]:
 
 
 @torch.no_grad()
-def sparsity(model_or_params: ModelOrParams, atol: float = 1e-3) -> SparsityReport:
+def sparsity(
+    model_or_params: ModelOrParams, atol: float = 1e-3, *, optimizer: Optimizer | None = None
+) -> SparsityReport:
     """Count exact zeros and near zeros (``|w| <= atol``) per tensor and overall.
 
     Args:
@@ -200,6 +258,9 @@ def sparsity(model_or_params: ModelOrParams, atol: float = 1e-3) -> SparsityRepo
             or one tensor. Non-floating tensors in a mapping are skipped.
         atol: the near-zero tolerance, ``>= 0`` (default ``1e-3``). ``atol=0`` makes
             near-zeros the exact zeros.
+        optimizer: if given, also count the zero groups of each of its param groups with
+            ``group_l1 > 0`` (axes from ``group_axes``) into ``report.groups``; parameters are
+            named after ``model_or_params`` where they are found there.
 
     Returns:
         A :class:`SparsityReport`.
@@ -217,4 +278,21 @@ def sparsity(model_or_params: ModelOrParams, atol: float = 1e-3) -> SparsityRepo
         SparsityRow(name, tuple(t.shape), t.numel(), int(z), int(nz))
         for (name, t), (z, nz) in zip(named, flat, strict=True)
     )
-    return SparsityReport(rows=rows, atol=float(atol))
+    groups = () if optimizer is None else _group_rows(optimizer, named)
+    return SparsityReport(rows=rows, atol=float(atol), groups=groups)
+
+
+def _group_rows(
+    optimizer: Optimizer, named: list[tuple[str, Tensor]]
+) -> tuple[GroupSparsityRow, ...]:
+    names = {id(t): name for name, t in named}
+    out = []
+    for i, group in enumerate(optimizer.param_groups):
+        if not group.get("group_l1", 0.0):
+            continue
+        params = group["params"]
+        axes = _group_axes(group, len(params), f"sparsity: param_groups[{i}]")
+        zero, n = count_zero_groups(params, axes)
+        labels = tuple(names.get(id(p), f"param_groups[{i}][{j}]") for j, p in enumerate(params))
+        out.append(GroupSparsityRow(i, labels, n, zero))
+    return tuple(out)

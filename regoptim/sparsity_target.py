@@ -19,7 +19,9 @@ __all__ = ["SparsityTarget", "count_zero_groups"]
 
 
 def _group_axes(group: dict[str, Any], n_params: int, where: str) -> list[int]:
-    axes = group.get("group_axes", 0)
+    axes = group.get("group_axes")
+    if axes is None:  # the optimizers' default: axis 0 of each parameter
+        axes = 0
     if isinstance(axes, int) and not isinstance(axes, bool):
         return [axes] * n_params
     axes = list(axes)

@@ -133,7 +133,7 @@ SGD = OptimInfo(
         ),
         ({"nesterov": True, "momentum": 0.9, "dampening": 0.1}, ValueError, r"dampening=0\.1"),
     ],
-    extra_keys=("decoupled_weight_decay", "l1"),
+    extra_keys=("decoupled_weight_decay", "l1", "group_l1", "group_axes"),
 )
 
 _ADAM_ERRORS = _COMMON_ERRORS + [
@@ -165,7 +165,7 @@ ADAM = OptimInfo(
     configs=_adam_configs(reg=True, adamw=False),
     torch_configs=_adam_configs(reg=False, adamw=False),
     error_inputs=_ADAM_ERRORS,
-    extra_keys=("l1",),
+    extra_keys=("l1", "group_l1", "group_axes"),
 )
 
 ADAMW = OptimInfo(
@@ -176,7 +176,7 @@ ADAMW = OptimInfo(
     configs=_adam_configs(reg=True, adamw=True),
     torch_configs=_adam_configs(reg=False, adamw=True),
     error_inputs=_ADAM_ERRORS,
-    extra_keys=("l1",),
+    extra_keys=("l1", "group_l1", "group_axes"),
 )
 
 OPTIMIZERS = [SGD, ADAM, ADAMW]

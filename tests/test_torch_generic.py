@@ -43,7 +43,12 @@ SKIP_DIFFERENTIABLE_CHECKPOINT = (
     "a differentiable step's state lies in an autograd graph (deepcopy refuses it)"
 )
 # hyperparameters regoptim adds to torch's (shown by repr, absent from torch's groups)
-EXTRA_KEYS = {"SGD": {"l1", "decoupled_weight_decay"}, "Adam": {"l1"}, "AdamW": {"l1"}}
+_GROUP_KEYS = {"group_l1", "group_axes"}
+EXTRA_KEYS = {
+    "SGD": {"l1", "decoupled_weight_decay", *_GROUP_KEYS},
+    "Adam": {"l1", *_GROUP_KEYS},
+    "AdamW": {"l1", *_GROUP_KEYS},
+}
 
 
 def _inputs(info: Any) -> list[Any]:
