@@ -55,7 +55,9 @@ PRUNE_DEFAULTS: dict[str, Any] = {
 class DigitsMLP(nn.Module):
     """``Linear(64, h1) -> ReLU -> Linear(h1, h2) -> ReLU -> Linear(h2, 10)``."""
 
-    def __init__(self, hidden: tuple[int, int] = (256, 128), n_in: int = 64, n_out: int = 10):
+    def __init__(
+        self, hidden: tuple[int, int] = (256, 128), n_in: int = 64, n_out: int = 10
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(n_in, hidden[0])
         self.fc2 = nn.Linear(hidden[0], hidden[1])
@@ -195,6 +197,16 @@ def prune_digits(
     output layer is not grouped. Test accuracy is scored on the test split. Latency is the
     median of ``repeats`` forward passes in inference mode at batch 1 and on the whole test set,
     with ``torch.get_num_threads()`` threads; the two models are timed alternately.
+
+    Args:
+        epochs: training epochs.
+        group_l1: the group lasso strength of every hidden neuron's group (row and bias).
+        seed: the initialization and batch-order seed.
+        lr, momentum, batch_size: ProxSGD's step size and momentum, and the minibatch size.
+        hidden: the two hidden widths.
+        repeats: timed forward passes per model and batch size.
+        progress: a tqdm bar over the epochs on stderr.
+        data: the digits split (default: :func:`regoptim.train.load_digits_split`).
 
     Raises:
         RuntimeError: the slim model's test predictions differ from the trained model's (a bug

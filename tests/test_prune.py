@@ -13,7 +13,7 @@ import torch
 
 from regoptim import ProxSGD, SlimReport, structured_groups
 from regoptim.cli import main
-from regoptim.prune import DigitsMLP, Latency, PruneResult, prune_digits
+from regoptim.prune import PRUNE_DEFAULTS, DigitsMLP, Latency, PruneResult, prune_digits
 
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
@@ -132,7 +132,11 @@ def test_limits_are_accepted():
     from regoptim.cli import build_parser
 
     args = build_parser().parse_args(["prune", "--group-l1", "1e3", "--repeats", "100000"])
-    assert (args.group_l1, args.repeats, args.epochs) == (1e3, 100000, 30)
+    assert (args.group_l1, args.repeats) == (1e3, 100000)
+    defaults = build_parser().parse_args(["prune"])
+    assert defaults.out == "runs/prune"
+    for key in ("epochs", "group_l1", "repeats"):  # the command's defaults are the library's
+        assert getattr(defaults, key) == PRUNE_DEFAULTS[key], key
 
 
 def test_prune_digits_returns_a_typed_result_whose_slim_model_predicts_the_same(data):
