@@ -146,6 +146,7 @@ def test_prune_digits_returns_a_typed_result_whose_slim_model_predicts_the_same(
     assert isinstance(result.report, SlimReport)
     assert all(isinstance(lat, Latency) for lat in result.latencies)
     assert [lat.batch for lat in result.latencies] == [1, data.x_test.shape[0]]
+    assert not result.model.training and not result.slim_model.training
     with torch.no_grad():
         before = result.model(data.x_test)
         after = result.slim_model(data.x_test)
@@ -190,3 +191,19 @@ def test_group_lasso_keeps_applying_on_the_default_cpu_path():
         runs.append([p.detach().clone() for p in model.parameters()])
     for default, loop in zip(*runs, strict=True):
         torch.testing.assert_close(default, loop)
+
+
+def test_a_slim_model_that_changes_predictions_is_an_error(data, monkeypatch):
+    import regoptim.prune
+
+    real_slim = regoptim.prune.slim
+
+    def wrong_slim(model, example_inputs, *, report):
+        small, rep = real_slim(model, example_inputs, report=True)
+        with torch.no_grad():
+            small.fc3.bias[0] += 1e3  # every input now predicts class 0
+        return small, rep
+
+    monkeypatch.setattr(regoptim.prune, "slim", wrong_slim)
+    with pytest.raises(RuntimeError, match="changed .* test predictions"):
+        prune_digits(epochs=1, group_l1=0.0, repeats=1, progress=False, data=data)
