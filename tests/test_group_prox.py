@@ -110,7 +110,10 @@ def test_block_soft_threshold_matches_reference(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("host_checks", [True, False], ids=["until-converged", "fixed-iters"])
-def test_diag_group_prox_matches_reference(dtype, host_checks):
+@pytest.mark.parametrize("block", [None, 20], ids=["one-block", "blocks-of-one-group"])
+def test_diag_group_prox_matches_reference(dtype, host_checks, block, monkeypatch):
+    if block is not None:  # 20 elements: one group (11 elements) per CPU block
+        monkeypatch.setattr(group_prox, "_BLOCK_NUMEL", block)
     ts, ds, axes = _groups(dtype)
     expected = group_prox_ref(ts, axes, lr=0.5, group_l1=3.0, denominators=ds)
     group_prox.group_prox_diag_(
