@@ -207,3 +207,11 @@ def test_a_slim_model_that_changes_predictions_is_an_error(data, monkeypatch):
     monkeypatch.setattr(regoptim.prune, "slim", wrong_slim)
     with pytest.raises(RuntimeError, match="changed .* test predictions"):
         prune_digits(epochs=1, group_l1=0.0, repeats=1, progress=False, data=data)
+
+
+def test_help_lists_prune(capsys):
+    assert main(["--help"]) == 0
+    assert "prune" in capsys.readouterr().out
+    assert main(["prune", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--group-l1" in out and "--repeats" in out and "--overwrite" in out
