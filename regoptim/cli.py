@@ -3,7 +3,7 @@
 ``regoptim compare``: one MLP on scikit-learn's digits under seven optimizer/regularization
 configurations; prints a table and writes plots. ``regoptim path``: sweeps a regularization
 strength (strongest first, warm-started), picks it by validation accuracy and scores the test set
-once. Run ``regoptim -h``.
+once. ``regoptim prune``: group lasso, then slim (:mod:`regoptim.prune`). Run ``regoptim -h``.
 
 Usage errors (unknown flags, values out of range, an unwritable output directory, earlier results
 in ``--out`` without ``--overwrite``) print one line on stderr and exit with status 2.
@@ -41,6 +41,7 @@ MAX_STRENGTHS = 1000  # --grid N and the number of --values
 # at lr 0.1 an l1 of 1e3 zeroes every weight and a weight_decay past 20 diverges; ProxSGD's
 # threshold lr*l1 must also fit in float32 (1e308 raised inside torch's softshrink)
 MAX_STRENGTH = 1e3
+MAX_REPEATS = 100_000  # timed forward passes per model and batch size (regoptim prune)
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scikit-learn's handwritten digits (offline, CPU, about a minute).",
     )
     parser.add_argument("--version", action="version", version=f"regoptim {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{compare,path}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{compare,path,prune}", required=True)
 
     def common(p: argparse.ArgumentParser, out: str, epochs: int) -> None:
         p.add_argument(
@@ -177,6 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
         "strength from the previous, stronger one's solution)",
     )
     common(path, "runs/path", 60)
+
+    prune = sub.add_parser(
+        "prune",
+        help="group lasso on the hidden neurons, then slim: a smaller, faster model",
+        description="Train a 64-256-128-10 MLP with ProxSGD and row group lasso on its hidden "
+        "layers, remove the neurons that are exactly zero (regoptim.slim; predictions checked "
+        "unchanged), report parameters, test accuracy and CPU latency before and after; write "
+        "prune.txt, prune.json and prune_channels.png to DIR.",
+    )
+    prune.add_argument(
+        "--group-l1",
+        type=_strength,
+        default=0.05,
+        metavar="V",
+        help=f"group lasso strength in [0, {MAX_STRENGTH:g}] (default 0.05)",
+    )
+    prune.add_argument(
+        "--repeats",
+        type=_int_in(1, MAX_REPEATS),
+        default=500,
+        help=f"timed forward passes per model and batch size (default 500, at most {MAX_REPEATS})",
+    )
+    common(prune, "runs/prune", 30)
     return parser
 
 
@@ -184,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 OUTPUTS = {
     "compare": ("compare.txt", "compare.json", "weights.png", "sparsity.png"),
     "path": ("path.txt", "path.json", "path.png"),
+    "prune": ("prune.txt", "prune.json", "prune_channels.png"),
 }
 
 
@@ -335,6 +360,13 @@ def _run_path(args: argparse.Namespace, out: Path) -> None:
     _report_written("path", out, written)
 
 
+def _run_prune(args: argparse.Namespace, out: Path, argv: list[str]) -> None:
+    from .prune import run_command
+
+    plots = not args.no_plots and _plots_available()
+    _report_written("prune", out, run_command(args, out, argv=argv, plots=plots))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 1 on a missing dependency, 2 on bad
     input, 130 on Ctrl-C)."""
@@ -354,8 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         if args.command == "compare":
             _run_compare(args, out)
-        else:
+        elif args.command == "path":
             _run_path(args, out)
+        else:
+            _run_prune(args, out, list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,14 @@ from .sparsity import ModelOrParams, SparsityReport, _named_tensors
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_regularization_path", "plot_sparsity", "plot_weight_distributions"]
+    from .structure import SlimReport
+
+__all__ = [
+    "plot_channels",
+    "plot_regularization_path",
+    "plot_sparsity",
+    "plot_weight_distributions",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -285,4 +292,43 @@ def plot_regularization_path(
     if best is not None:
         axes[0].set_title(f"best {xlabel} = {best:.3g}", fontsize=9)
     fig.suptitle(title or "Regularization path")
+    return _save(fig, path)
+
+
+def plot_channels(
+    report: SlimReport, *, path: PathLike | None = None, title: str | None = None
+) -> Figure:
+    """Output channels per layer before and after :func:`regoptim.slim`, as horizontal bars.
+
+    Args:
+        report: the :class:`regoptim.SlimReport` that ``slim(..., report=True)`` returned.
+        path: where to write the figure, if given.
+        title: the figure's title.
+
+    Each layer gets a grey bar (channels before) with the kept channels in colour over it,
+    labelled ``kept / before``.
+    """
+    rows = report.rows
+    if not rows:
+        raise ValueError("plot_channels: the report has no layers")
+    fig = _figure(figsize=(6.4, 0.9 + 0.45 * len(rows)), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ys = range(len(rows))
+    ax.barh(ys, [r.before for r in rows], height=0.6, color="0.85", label="before")
+    ax.barh(ys, [r.after for r in rows], height=0.6, color="C0", label="kept")
+    widest = max(r.before for r in rows)
+    for y, r in zip(ys, rows, strict=True):
+        ax.text(r.before + 0.01 * widest, y, f"{r.after} / {r.before}", va="center", fontsize=8)
+    ax.set_yticks(list(ys), [f"{r.layer} ({r.kind})" for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.15 * widest)
+    ax.set_xlabel("output channels")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    share = report.params_after / report.params_before if report.params_before else 1.0
+    ax.set_title(
+        f"parameters {report.params_before:,} -> {report.params_after:,} ({share:.1%})",
+        fontsize=9,
+    )
+    fig.suptitle(title or "Channels kept per layer")
     return _save(fig, path)
