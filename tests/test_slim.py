@@ -12,7 +12,7 @@ from torch import nn
 import regoptim
 from regoptim.structure import SlimReport, UntraceableModelError, slim, structured_groups
 from tests.test_structure import FunctionalMLP, Gate, Residual, cnn, mlp
-from tests.tolerances import tol
+from tests.tolerances import assert_close_normwise
 
 X_FLAT, X_IMG = torch.randn(16, 8), torch.randn(4, 3, 8, 8)
 
@@ -38,9 +38,12 @@ def n_params(model: nn.Module) -> int:
 
 
 def assert_same_outputs(original: nn.Module, slimmed: nn.Module, x: torch.Tensor) -> None:
+    """Equal outputs in eval mode, to float32 rounding. Slimming changes the inner size of the
+    products that follow, so BLAS sums the remaining terms in another order: that rounding scales
+    with the largest terms, not with each output, hence a norm-wise comparison."""
     original.eval(), slimmed.eval()
     with torch.no_grad():
-        torch.testing.assert_close(slimmed(x), original(x), **tol(torch.float32))
+        assert_close_normwise(slimmed(x), original(x), torch.float32)
 
 
 def test_mlp_zero_neurons_removed_with_their_columns():

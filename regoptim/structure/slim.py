@@ -142,13 +142,23 @@ def _slice_in(module: nn.Module, keep: Tensor, block: int) -> None:
         module.in_channels = int(keep.numel())
 
 
+def _tolerance(reference: Any) -> dict[str, float]:
+    """Norm-wise: the layers after a removed channel sum fewer terms, in another order, so the
+    outputs differ by rounding that scales with the largest terms, not with each output."""
+    if not isinstance(reference, Tensor) or not reference.is_floating_point():
+        return {}
+    rtol = min(100 * torch.finfo(reference.dtype).eps, 1e-2)
+    scale = float(reference.detach().abs().max()) if reference.numel() else 0.0
+    return {"rtol": rtol, "atol": rtol * max(scale, 1.0)}
+
+
 def _check(model: nn.Module, slimmed: nn.Module, inputs: tuple[Any, ...], reference: Any) -> None:
     """Raise if ``slimmed`` (in eval mode) does not reproduce ``reference``."""
     modes = {name: m.training for name, m in slimmed.named_modules()}
     slimmed.eval()
     try:
         with torch.no_grad():
-            torch.testing.assert_close(slimmed(*inputs), reference)
+            torch.testing.assert_close(slimmed(*inputs), reference, **_tolerance(reference))
     except AssertionError as error:
         raise RuntimeError(
             f"slim: the slimmed {type(model).__name__} does not reproduce the original's "
