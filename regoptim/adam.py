@@ -138,7 +138,8 @@ class ProxAdam(ProxOptimizer):
             be combined with ``fused=True`` (default: False).
         fused: use regoptim's fused kernels: Triton on CUDA (also on CPU under
             ``TRITON_INTERPRET=1``), the fused C++ kernel on CPU. ``None`` (default): the Triton
-            kernels for CUDA parameters when triton is installed; on CPU, torch's fused Adam kernel
+            kernels for CUDA parameters when triton is installed; on CPU, regoptim's one-pass C++
+            kernel (built at install time) for float32 groups, else torch's fused Adam kernel
             plus one pass for the prox. The parameters' devices and dtypes are checked when it
             steps, not at construction, as torch does.
 

@@ -233,8 +233,9 @@ def resolve_impl(
     ``fused=True`` -> regoptim's fused kernels (Triton on CUDA, the fused CPU kernel on CPU).
     ``foreach=True`` -> torch's foreach ops. Either flag given as ``False`` with the other ``None``
     -> what torch would do then (the for-loop). Both ``None``: regoptim's Triton kernels for CUDA
-    tensors when triton imports; torch's own fused CPU kernels plus the regularizers' extra pass for
-    float32/float64 CPU tensors; torch's default otherwise. Sparse gradients always take a
+    tensors when triton imports; regoptim's fused C++ kernel for float32 CPU tensors when the
+    install built it; torch's own fused CPU kernels plus the regularizers' extra pass for float64
+    (and for float32 without that build); torch's default otherwise. Sparse gradients always take a
     for-loop/foreach path (the fused kernels are dense). With neither flag given,
     ``differentiable=True`` takes the for-loop (autograd through the step) and ``capturable=True``
     what torch picks (its capturable for-loop/foreach, which never reads the step on the host).

@@ -125,14 +125,16 @@ class ProxSGD(ProxOptimizer):
             ``foreach=True``, and cannot be combined with ``fused=True`` (default: False).
         fused: use regoptim's fused kernels: Triton on CUDA (also on CPU under
             ``TRITON_INTERPRET=1``), the fused C++ kernel on CPU. ``None`` (default): the Triton
-            kernels for CUDA parameters when triton is installed; on CPU, torch's fused SGD kernel
+            kernels for CUDA parameters when triton is installed; on CPU, regoptim's one-pass C++
+            kernel (built at install time) for float32 groups, else torch's fused SGD kernel
             with one extra pass for what it lacks (decoupled decay, the prox). The parameters'
             devices and dtypes are checked when it steps, not at construction, as torch does.
 
     Note:
-        Torch's default on CPU is a for-loop; regoptim's default there calls torch's fused CPU
-        kernel, whose float32 results may differ from the for-loop in the last bit. Pass
-        ``foreach=False`` to reproduce ``torch.optim.SGD()`` bit for bit.
+        Torch's default on CPU is a for-loop; regoptim's default there is the C++ kernel, whose
+        float32 results equal torch's ``fused=True`` SGD bit for bit (regularizers off) and may
+        differ from the for-loop in the last bit. Pass ``foreach=False`` to reproduce
+        ``torch.optim.SGD()`` bit for bit.
     """
 
     def __init__(
