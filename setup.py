@@ -24,6 +24,7 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 SOURCE = Path("regoptim") / "csrc" / "fused_cpu.cpp"
 FLAGS = json.loads((HERE / "regoptim" / "csrc" / "build_flags.json").read_text())
+# as regoptim._capability.arch (not importable here: pip builds without torch installed)
 ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}.get(
     platform.machine().lower()
 )

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KernelNumerics", "torch_kernel_numerics"]
+__all__ = ["KernelNumerics", "arch", "numerics_for", "torch_kernel_numerics"]
 
 
 @dataclass(frozen=True)
@@ -47,26 +47,22 @@ class KernelNumerics:
     verified: bool  # bitwise parity tested on this capability (else: within one ulp)
 
 
-# (machine, capability) -> (dispatched build, float32 lanes, fma, verified)
-_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
-_ARM = ("aarch64", "arm64")
-_TABLE: dict[tuple[str, str], tuple[str, int, bool, bool]] = {
-    ("x86", "AVX512"): ("AVX2", 8, True, True),  # REGISTER_DISPATCH: no AVX512 kernel
-    ("x86", "AVX2"): ("AVX2", 8, True, True),
-    ("x86", "DEFAULT"): ("DEFAULT", 8, False, True),  # generic Vectorized, no -mfma
-    ("arm", "DEFAULT"): ("DEFAULT", 4, True, False),  # NEON: VECTOR_WIDTH 16, vfmaq
-    ("arm", "SVE128"): ("SVE128", 4, True, False),
-    ("arm", "SVE256"): ("SVE256", 8, True, False),
+# (architecture, capability) -> (dispatched build, float32 lanes, fma, verified)
+_TABLE: dict[tuple[str | None, str], tuple[str, int, bool, bool]] = {
+    ("x86_64", "AVX512"): ("AVX2", 8, True, True),  # REGISTER_DISPATCH: no AVX512 kernel
+    ("x86_64", "AVX2"): ("AVX2", 8, True, True),
+    ("x86_64", "DEFAULT"): ("DEFAULT", 8, False, True),  # generic Vectorized, no -mfma
+    ("aarch64", "DEFAULT"): ("DEFAULT", 4, True, False),  # NEON: VECTOR_WIDTH 16, vfmaq
+    ("aarch64", "SVE128"): ("SVE128", 4, True, False),
+    ("aarch64", "SVE256"): ("SVE256", 8, True, False),
 }
+_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 
-def _arch(machine: str) -> str:
-    m = machine.lower()
-    if m in _X86:
-        return "x86"
-    if m in _ARM:
-        return "arm"
-    return m
+def arch(machine: str | None = None) -> str | None:
+    """``"x86_64"``, ``"aarch64"`` or ``None`` (another architecture) for ``platform.machine()``
+    (or ``machine``), whatever name the OS gives it (AMD64, arm64, ...)."""
+    return _ARCH.get((machine if machine is not None else platform.machine()).lower())
 
 
 @functools.cache
@@ -82,7 +78,7 @@ def torch_kernel_numerics() -> KernelNumerics:
 
 def numerics_for(machine: str, capability: str) -> KernelNumerics:
     """The rounding of torch's fused CPU optimizers for ``capability`` on ``machine``."""
-    entry = _TABLE.get((_arch(machine), capability.upper()))
+    entry = _TABLE.get((arch(machine), capability.upper()))
     if entry is None:  # an architecture or capability regoptim has no derivation for
         return KernelNumerics(capability, capability, 0, True, False)
     dispatched, width, fma, verified = entry

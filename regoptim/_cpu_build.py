@@ -262,20 +262,15 @@ def _build_dirs() -> Iterator[Path]:
 # Load: the variant built at install time, else a cached or compiled build
 
 
-def _arch() -> str | None:
-    machine = platform.machine().lower()
-    return {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}.get(
-        machine
-    )
-
-
 def prebuilt_variant() -> str | None:
     """The install-time variant for this CPU: chosen from the capability torch reports (which
     never exceeds what the CPU supports, and honours ``ATEN_CPU_CAPABILITY``)."""
-    arch = _arch()
-    if arch is None:
+    from regoptim._capability import arch
+
+    machine = arch()
+    if machine is None:
         return None
-    if arch == "x86_64":
+    if machine == "x86_64":
         import torch
 
         cap = torch.backends.cpu.get_cpu_capability()
