@@ -31,14 +31,13 @@ from torch import Tensor
 
 from regoptim import _cpu_fused
 from regoptim._fused import fused_backend
-from regoptim.optimizer import resolve_impl
+from regoptim._guard import role_key
+from regoptim.optimizer import _cpu_kernel_installed, resolve_impl
 
 __all__ = ["Plan", "adam_step", "build", "sgd_step"]
 
 _GRAD = attrgetter("grad")
 _IS_CPU = attrgetter("is_cpu")
-_DTYPE = attrgetter("dtype")
-_SIZE = attrgetter("shape")
 _PTR = Tensor.data_ptr
 _MISSES_BEFORE_GIVING_UP = 8
 
@@ -95,14 +94,12 @@ class _MetaGuard:
 
 
 def _meta_key(tensors: list[Tensor]) -> tuple:
+    # regoptim._guard's role key without the pointers, plus the types and the device
+    complex_group = any(t.is_complex() for t in tensors)
     return (
+        role_key(tensors, complex_group)[1:],
         tuple(map(type, tensors)),
-        tuple(map(_SIZE, tensors)),
-        tuple(map(Tensor.stride, tensors)),
-        tuple(map(_DTYPE, tensors)),
         all(map(_IS_CPU, tensors)),
-        tuple(map(Tensor.is_neg, tensors)),
-        tuple(map(Tensor.is_conj, tensors)),
     )
 
 
@@ -172,13 +169,17 @@ class Plan:
         return lists
 
 
-def _plans(opt: torch.optim.Optimizer) -> dict[int, Any]:
+def _plans(opt: torch.optim.Optimizer) -> dict[int, Plan]:
     return opt.__dict__.setdefault("_cpu_plans", {})
+
+
+def _misses(opt: torch.optim.Optimizer) -> dict[int, int]:
+    return opt.__dict__.setdefault("_cpu_plan_misses", {})
 
 
 def _run(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> bool:
     plan = _plans(opt).get(id(group))
-    if not isinstance(plan, Plan) or torch.compiler.is_compiling():
+    if plan is None or torch.compiler.is_compiling():
         return False
     if plan.lists(opt, group) is None:
         _miss(opt, group)
@@ -215,10 +216,9 @@ def adam_step(opt: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
 
 
 def _miss(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None:
-    plans = _plans(opt)
-    misses = plans.get(("misses", id(group)), 0) + 1
-    plans[("misses", id(group))] = misses
-    plans.pop(id(group), None)
+    misses = _misses(opt)
+    misses[id(group)] = misses.get(id(group), 0) + 1
+    _plans(opt).pop(id(group), None)
 
 
 def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> None:
@@ -228,7 +228,7 @@ def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Non
     plans = _plans(opt)
     if (
         id(group) in plans
-        or plans.get(("misses", id(group)), 0) >= _MISSES_BEFORE_GIVING_UP
+        or _misses(opt).get(id(group), 0) >= _MISSES_BEFORE_GIVING_UP
         or torch.compiler.is_compiling()
         or group.get("group_l1", 0) != 0
         or group.get("decay_scaling", "lr") != "lr"
@@ -237,7 +237,7 @@ def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Non
     ):
         return
     if group["fused"] is None:  # the default path: the install-time build
-        if not _cpu_fused_default_backend():
+        if not _cpu_kernel_installed():
             return
     elif group["fused"] is not True or fused_backend("cpu") != "cpu":
         return
@@ -261,8 +261,9 @@ def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Non
     states = [opt.state.get(p) for p in params]
     if any(s is None for s in states):
         return
+    keys = _state_keys(group, family)
     lists: list[list[Tensor]] = [list(params), grads]
-    for name in _state_keys(group, family):
+    for name in keys:
         lst = [s.get(name) for s in states]  # type: ignore[union-attr]
         if any(t is None for t in lst):
             return
@@ -272,15 +273,9 @@ def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Non
     if len(dtypes) != 1 or dtypes.pop() not in _cpu_fused._DTYPE_CODE:
         return  # mixed dtypes (the full dispatch sends them to torch's for-loop), float64, complex
     where = "ProxSGD fused step" if family == "sgd" else "ProxAdam fused step"
-    names = ["param", "grad", *_state_keys(group, family)][:n_shaped]
+    names = ["param", "grad", *keys][:n_shaped]
     prep = _cpu_fused._prepare(where, names, lists, [True] * len(lists), n_shaped)
     if prep.keep:  # a layout the kernel reaches through copies: not cached
         return
     table = _cpu_fused._Table(prep.table.key, prep.table.tensor.tolist())  # the plan's own copy
     plans[id(group)] = Plan(family, group, opt.state, lists, table)
-
-
-def _cpu_fused_default_backend() -> bool:
-    from regoptim.optimizer import _cpu_kernel_installed
-
-    return _cpu_kernel_installed()

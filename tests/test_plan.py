@@ -218,3 +218,26 @@ def test_group_lasso_switched_on_takes_the_dispatch(case: str) -> None:
         opt.param_groups[0]["group_l1"] = 1e3  # strong enough to zero whole slices
     _steps(a, b, oa, ob, 2, 2)
     assert (a[1] == 0).any()  # whole groups went to zero through the group prox
+
+
+def test_the_python_metadata_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without dynamo's TensorGuards (another torch) the plan guards metadata in Python columns:
+    the same changes are caught."""
+    import torch._C._dynamo.guards as guards
+
+    def unavailable(*args: Any, **kwargs: Any) -> None:
+        raise TypeError("no TensorGuards in this torch")
+
+    monkeypatch.setattr(guards, "TensorGuards", unavailable)
+    cls, kw = SGD
+    a, b, oa, ob = _pair(cls, kw)
+    _steps(a, b, oa, ob, 0, 2)
+    plan = next(iter(oa.__dict__["_cpu_plans"].values()))
+    assert plan.guard._guard is None  # the fallback is in use
+    _grads(a, b, 2)
+    a[1].grad, b[1].grad = (-a[1].grad)._neg_view(), (-b[1].grad)._neg_view()
+    oa.step()
+    ob.step()
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)
+    _steps(a, b, oa, ob, 3, 2)
