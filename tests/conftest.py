@@ -18,3 +18,16 @@ import torch  # noqa: E402
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def diabetes():
+    """scikit-learn's diabetes data, standardized features and centred target, float64 (the
+    lasso tests: ISTA against sklearn's Lasso and lasso_path)."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float64)
+    y = torch.tensor(y, dtype=torch.float64)
+    x = (x - x.mean(0)) / x.std(0)
+    return x, y - y.mean()

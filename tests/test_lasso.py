@@ -9,17 +9,6 @@ import torch
 import regoptim
 
 
-@pytest.fixture(scope="module")
-def diabetes():
-    from sklearn.datasets import load_diabetes
-
-    x, y = load_diabetes(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float64)
-    y = torch.tensor(y, dtype=torch.float64)
-    x = (x - x.mean(0)) / x.std(0)
-    return x, y - y.mean()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "impl", [{"foreach": False}, {"foreach": True}, {}], ids=["loop", "foreach", "default"]

@@ -12,17 +12,6 @@ import regoptim
 from regoptim.paths import PathStep
 
 
-@pytest.fixture(scope="module")
-def diabetes():
-    from sklearn.datasets import load_diabetes
-
-    x, y = load_diabetes(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float64)
-    y = torch.tensor(y, dtype=torch.float64)
-    x = (x - x.mean(0)) / x.std(0)
-    return x, y - y.mean()
-
-
 def _least_squares(x, y):
     """``(1/(2n)) ||y - Xw||^2``: with ``l1=alpha`` it is sklearn's lasso objective."""
 
