@@ -224,27 +224,37 @@ def _miss(opt: torch.optim.Optimizer, group: dict[str, Any]) -> None:
 def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> None:
     """After a step by the full dispatch: keep a plan for ``group`` if that step took the C++
     kernel on the default path and the next one can (every param has a grad and its state), with
-    the tensors fully checked now. Gives up on a group whose plans keep missing."""
+    the tensors fully checked now. A group whose plans keep missing, or that cannot have one (a
+    dtype or layout the kernel does not serve), stops being tried: the attempt is not free."""
+    if torch.compiler.is_compiling():  # traced steps take torch's paths, never a plan
+        return
     plans = _plans(opt)
+    if id(group) in plans or _misses(opt).get(id(group), 0) >= _MISSES_BEFORE_GIVING_UP:
+        return
+    plan = _new_plan(opt, group, family)
+    if plan is None:
+        _miss(opt, group)
+    else:
+        plans[id(group)] = plan
+
+
+def _new_plan(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Plan | None:
     if (
-        id(group) in plans
-        or _misses(opt).get(id(group), 0) >= _MISSES_BEFORE_GIVING_UP
-        or torch.compiler.is_compiling()
-        or group.get("group_l1", 0) != 0
+        group.get("group_l1", 0) != 0
         or group.get("decay_scaling", "lr") != "lr"
         or group["foreach"] is not None
         or getattr(opt, "grad_scale", None) is not None
     ):
-        return
+        return None
     if group["fused"] is None:  # the default path: the install-time build
         if not _cpu_kernel_installed():
-            return
+            return None
     elif group["fused"] is not True or fused_backend("cpu") != "cpu":
-        return
+        return None
     params = group["params"]
     grads = list(map(_GRAD, params))
     if not params or any(map(is_, grads, repeat(None))):
-        return
+        return None
     differentiable = group.get("differentiable", False)
     capturable = group.get("capturable", False)
     impl = resolve_impl(
@@ -257,25 +267,25 @@ def build(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> Non
         capturable=capturable,
     )
     if impl != "fused" or not all(map(_IS_CPU, params)):
-        return
+        return None
     states = [opt.state.get(p) for p in params]
     if any(s is None for s in states):
-        return
+        return None
     keys = _state_keys(group, family)
     lists: list[list[Tensor]] = [list(params), grads]
     for name in keys:
         lst = [s.get(name) for s in states]  # type: ignore[union-attr]
         if any(t is None for t in lst):
-            return
+            return None
         lists.append(lst)
     n_shaped = len(lists) - (1 if family == "adam" else 0)
     dtypes = {t.dtype for lst in lists[:n_shaped] for t in lst}
     if len(dtypes) != 1 or dtypes.pop() not in _cpu_fused._DTYPE_CODE:
-        return  # mixed dtypes (the full dispatch sends them to torch's for-loop), float64, complex
+        return None  # mixed dtypes (the full dispatch sends them to torch's for-loop), float64
     where = "ProxSGD fused step" if family == "sgd" else "ProxAdam fused step"
     names = ["param", "grad", *keys][:n_shaped]
     prep = _cpu_fused._prepare(where, names, lists, [True] * len(lists), n_shaped)
     if prep.keep:  # a layout the kernel reaches through copies: not cached
-        return
+        return None
     table = _cpu_fused._Table(prep.table.key, prep.table.tensor.tolist())  # the plan's own copy
-    plans[id(group)] = Plan(family, group, opt.state, lists, table)
+    return Plan(family, group, opt.state, lists, table)

@@ -241,3 +241,18 @@ def test_the_python_metadata_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     for p, q in zip(a, b, strict=True):
         assert torch.equal(p, q)
     _steps(a, b, oa, ob, 3, 2)
+
+
+def test_a_group_that_cannot_have_a_plan_stops_being_tried(monkeypatch) -> None:
+    """float64 takes torch's fused kernel: no plan; trying to build one is not free, so it stops
+    after a few steps."""
+    p = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = regoptim.ProxSGD([p], lr=0.1, momentum=0.9, l1=1e-3)
+    attempts = []
+    real = _plan._new_plan
+    monkeypatch.setattr(_plan, "_new_plan", lambda *a: attempts.append(1) or real(*a))
+    for _ in range(3 * _plan._MISSES_BEFORE_GIVING_UP):
+        p.grad = torch.ones(5, dtype=torch.float64)
+        opt.step()
+    assert len(attempts) == _plan._MISSES_BEFORE_GIVING_UP
+    assert not _uses_plan(opt)
