@@ -24,7 +24,6 @@ __all__ = [
     "fused_prox_adam_",
     "fused_prox_sgd_",
     "fused_unavailable_reason",
-    "native_cpu_backend",
 ]
 
 
@@ -41,9 +40,9 @@ _NATIVE_CPU: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def native_cpu_backend(active: bool = True) -> Iterator[None]:
-    """Within: CPU tensors take the C++ kernel whatever ``TRITON_INTERPRET`` says (if ``active``)."""
-    token = _NATIVE_CPU.set(active)
+def _native_cpu_backend() -> Iterator[None]:
+    """Within: CPU tensors take the C++ kernel whatever ``TRITON_INTERPRET`` says."""
+    token = _NATIVE_CPU.set(True)
     try:
         yield
     finally:
@@ -55,7 +54,7 @@ def call_fused(call: Callable[[], None], *, default_path: bool) -> None:
     the C++ kernel even under ``TRITON_INTERPRET=1``. Never while compiling: the default path
     takes no fused CPU kernel then, and dynamo does not trace a ContextVar."""
     if default_path and not torch.compiler.is_compiling():
-        with native_cpu_backend():
+        with _native_cpu_backend():
             call()
     else:
         call()
