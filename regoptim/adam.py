@@ -14,6 +14,7 @@ from torch.optim.optimizer import ParamsT
 from regoptim import _plan
 from regoptim._eager_prox import adam_prox_l1_
 from regoptim._fused import call_fused
+from regoptim._group_step import fused_group_adam_step
 from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.group_prox import apply_group_prox_, resolve_group_axes, validate_group_lasso
 from regoptim.optimizer import (
@@ -318,6 +319,8 @@ class ProxAdam(ProxOptimizer):
     def _dispatch_group(self, group: dict[str, Any]) -> None:
         if group["group_l1"] != 0:  # group_axes edited in place: caught before any update
             resolve_group_axes(group["params"], group["group_axes"])
+            if fused_group_adam_step(self, group):  # update and group prox in one kernel call
+                return
         probe = [p for p in group["params"] if p.grad is not None]
         if not probe:
             return

@@ -14,6 +14,7 @@ from torch.optim.optimizer import ParamsT
 from regoptim import _plan
 from regoptim._eager_prox import decay_, prox_l1_
 from regoptim._fused import call_fused
+from regoptim._group_step import fused_group_sgd_step
 from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.group_prox import apply_group_prox_, resolve_group_axes, validate_group_lasso
 from regoptim.optimizer import (
@@ -247,6 +248,8 @@ class ProxSGD(ProxOptimizer):
     def _dispatch_group(self, group: dict[str, Any]) -> None:
         if group["group_l1"] != 0:  # group_axes edited in place: caught before any update
             resolve_group_axes(group["params"], group["group_axes"])
+            if fused_group_sgd_step(self, group):  # update and group prox in one kernel call
+                return
         params: list[Tensor] = []
         grads: list[Tensor] = []
         momentum_buffer_list: list[Tensor | None] = []
