@@ -16,6 +16,8 @@ import os
 
 from torch import Tensor
 
+from regoptim.hyper import AdamHyper, SgdHyper
+
 __all__ = ["available", "fused_prox_adam_", "fused_prox_sgd_"]
 
 
@@ -49,15 +51,8 @@ def fused_prox_sgd_(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor] | None,
+    hyper: SgdHyper,
     *,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    l1: float,
     is_first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
@@ -69,14 +64,7 @@ def fused_prox_sgd_(
         params,
         grads,
         momentum_buffers,
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay,
-        l1=l1,
+        hyper,
         is_first_step=is_first_step,
         grad_scale=grad_scale,
         found_inf=found_inf,
@@ -90,16 +78,8 @@ def fused_prox_adam_(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor] | None,
     state_steps: list[Tensor],
+    hyper: AdamHyper,
     *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    l1: float,
-    maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
@@ -113,15 +93,7 @@ def fused_prox_adam_(
         exp_avg_sqs,
         max_exp_avg_sqs,
         state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        l1=l1,
-        maximize=maximize,
+        hyper,
         grad_scale=grad_scale,
         found_inf=found_inf,
     )

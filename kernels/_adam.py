@@ -22,6 +22,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from regoptim.hyper import AdamHyper
+
 from ._common import (
     BLOCK,
     check_lists,
@@ -283,16 +285,8 @@ def fused_prox_adam_(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor] | None,
     state_steps: list[Tensor],
+    hyper: AdamHyper,
     *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    l1: float,
-    maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
@@ -303,24 +297,25 @@ def fused_prox_adam_(
     """
     if not params:
         return
+    h = hyper
     with torch.no_grad():
         _fused_prox_adam_op(
             list(params),
             list(grads),
             list(exp_avgs),
             list(exp_avg_sqs),
-            list(max_exp_avg_sqs) if amsgrad and max_exp_avg_sqs is not None else [],
+            list(max_exp_avg_sqs) if h.amsgrad and max_exp_avg_sqs is not None else [],
             list(state_steps),
-            0.0 if isinstance(lr, Tensor) else float(lr),
-            lr if isinstance(lr, Tensor) else None,
-            float(beta1),
-            float(beta2),
-            float(eps),
-            float(weight_decay),
-            bool(decoupled_weight_decay),
-            bool(amsgrad),
-            float(l1),
-            bool(maximize),
+            0.0 if isinstance(h.lr, Tensor) else float(h.lr),
+            h.lr if isinstance(h.lr, Tensor) else None,
+            float(h.beta1),
+            float(h.beta2),
+            float(h.eps),
+            float(h.weight_decay),
+            bool(h.decoupled_weight_decay),
+            bool(h.amsgrad),
+            float(h.l1),
+            bool(h.maximize),
             grad_scale,
             found_inf,
         )

@@ -21,6 +21,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from regoptim.hyper import SgdHyper
+
 from ._common import (
     BLOCK,
     check_lists,
@@ -226,15 +228,8 @@ def fused_prox_sgd_(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor] | None,
+    hyper: SgdHyper,
     *,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    l1: float,
     is_first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
@@ -246,22 +241,23 @@ def fused_prox_sgd_(
     """
     if not params:
         return
-    if (momentum != 0) != (momentum_buffers is not None):
+    h = hyper
+    if (h.momentum != 0) != (momentum_buffers is not None):
         raise ValueError("momentum_buffers must be given exactly when momentum != 0")
     with torch.no_grad():
         _fused_prox_sgd_op(
             list(params),
             list(grads),
             list(momentum_buffers) if momentum_buffers is not None else [],
-            0.0 if isinstance(lr, Tensor) else float(lr),
-            lr if isinstance(lr, Tensor) else None,
-            float(weight_decay),
-            float(momentum),
-            float(dampening),
-            bool(nesterov),
-            bool(maximize),
-            bool(decoupled_weight_decay),
-            float(l1),
+            0.0 if isinstance(h.lr, Tensor) else float(h.lr),
+            h.lr if isinstance(h.lr, Tensor) else None,
+            float(h.weight_decay),
+            float(h.momentum),
+            float(h.dampening),
+            bool(h.nesterov),
+            bool(h.maximize),
+            bool(h.decoupled_weight_decay),
+            float(h.l1),
             bool(is_first_step),
             grad_scale,
             found_inf,

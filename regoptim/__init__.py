@@ -7,7 +7,8 @@ parameter groups that exempt biases and norms, penalties, sparsity reports, warm
 regularization paths (plots live in ``regoptim.plots``).
 """
 
-from regoptim.adam import ProxAdam, ProxAdamW
+from regoptim.adam import ProxAdam
+from regoptim.adamw import ProxAdamW
 from regoptim.groups import param_groups
 from regoptim.paths import regularization_path
 from regoptim.penalties import l1_penalty, l2_penalty

@@ -24,6 +24,7 @@ kernels, a ``grad_scale`` unscales the gradients in place.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from operator import attrgetter
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor
 from regoptim._capability import torch_kernel_numerics
 from regoptim._cpu_build import available, build_count, build_info, load
 from regoptim._guard import RoleKey, group_key, like_params, validate, validate_steps
+from regoptim.hyper import AdamHyper, SgdHyper
 
 __all__ = [
     "available",
@@ -227,15 +229,8 @@ def fused_prox_sgd_(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor] | None,
+    hyper: SgdHyper,
     *,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    l1: float,
     is_first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
@@ -246,28 +241,21 @@ def fused_prox_sgd_(
     dtype = _check(params, [grads, momentum_buffers])
     if _skip_step(found_inf):
         return
-    lr_f = _scalar(lr)
-    has_mom = momentum != 0.0
+    lr_f = _scalar(hyper.lr)
+    has_mom = hyper.momentum != 0.0
     if has_mom and momentum_buffers is None:
         raise ValueError("regoptim fused CPU kernel: momentum != 0 needs momentum_buffers")
     lists: list[list[Tensor]] = [list(params), list(grads)]
     if has_mom:
         lists.append(list(momentum_buffers))  # type: ignore[arg-type]
-    complex_l1 = params[0].is_complex() and l1 != 0.0
+    complex_l1 = params[0].is_complex() and hyper.l1 != 0.0
     names = ["param", "grad", "momentum_buffer"]
     written = [True, grad_scale is not None, True]
     prep = _prepare("ProxSGD fused step", names, lists, written, len(lists))
     run_sgd(
         prep.table,
         dtype,
-        lr=lr_f,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay,
-        l1=0.0 if complex_l1 else l1,
+        replace(hyper, l1=0.0) if complex_l1 else hyper,
         is_first_step=is_first_step,
         grad_scale=_scalar(grad_scale) if grad_scale is not None else None,
     )
@@ -277,7 +265,7 @@ def fused_prox_sgd_(
         from regoptim.prox import soft_threshold_
 
         for p in params:
-            soft_threshold_(p, lr_f * l1)
+            soft_threshold_(p, lr_f * hyper.l1)
 
 
 def fused_prox_adam_(
@@ -287,16 +275,8 @@ def fused_prox_adam_(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor] | None,
     state_steps: list[Tensor],
+    hyper: AdamHyper,
     *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    l1: float,
-    maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
@@ -305,14 +285,14 @@ def fused_prox_adam_(
     if not params:
         return
     dtype = _check(params, [grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps])
-    if params[0].is_complex() and l1 != 0.0:
+    if params[0].is_complex() and hyper.l1 != 0.0:
         raise NotImplementedError(
             "regoptim fused CPU kernel: L1 on complex parameters with Adam (the modulus shrink "
             "couples the real and imaginary parts); use the torch path"
         )
     if _skip_step(found_inf):
         return
-    lr_f = _scalar(lr)
+    amsgrad = hyper.amsgrad
     if amsgrad and max_exp_avg_sqs is None:
         raise ValueError("regoptim fused CPU kernel: amsgrad needs max_exp_avg_sqs")
     lists: list[list[Tensor]] = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)]
@@ -326,15 +306,7 @@ def fused_prox_adam_(
     run_adam(
         prep.table,
         dtype,
-        lr=lr_f,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        l1=l1,
-        maximize=maximize,
+        hyper,
         grad_scale=_scalar(grad_scale) if grad_scale is not None else None,
     )
     prep.finish()
@@ -347,62 +319,50 @@ def fused_prox_adam_(
 def run_sgd(
     table: _Table,
     dtype: torch.dtype,
+    hyper: SgdHyper,
     *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    l1: float,
     is_first_step: bool,
     grad_scale: float | None,
 ) -> None:
     """One ProxSGD step of the kernel over a checked ``table`` (rows: numels, params, grads,
     momentum buffers when ``momentum != 0``) of tensors stored in ``dtype``."""
-    flags = _MOMENTUM if momentum != 0.0 else 0
+    h = hyper
+    lr = float(h.lr)
+    flags = _MOMENTUM if h.momentum != 0.0 else 0
     if flags and is_first_step:
         flags |= _FIRST_STEP
-    if flags and nesterov:
+    if flags and h.nesterov:
         flags |= _NESTEROV
-    flags |= _common_flags(maximize, grad_scale, weight_decay, decoupled_weight_decay, l1)
-    decay = 1.0 - lr * weight_decay if (weight_decay != 0.0 and decoupled_weight_decay) else 1.0
+    flags |= _common_flags(h.maximize, grad_scale, h.weight_decay, h.decoupled_weight_decay, h.l1)
+    decoupled = h.weight_decay != 0.0 and h.decoupled_weight_decay
+    decay = 1.0 - lr * h.weight_decay if decoupled else 1.0
     rows = table.rows
     load().regoptim_sgd(
-        _DTYPE_CODE[dtype], table.n, rows[0], rows[1], rows[2], rows[3] if momentum else None,
-        lr, float(weight_decay), float(momentum), float(dampening), decay, lr * l1,
+        _DTYPE_CODE[dtype], table.n, rows[0], rows[1], rows[2], rows[3] if h.momentum else None,
+        lr, float(h.weight_decay), float(h.momentum), float(h.dampening), decay, lr * h.l1,
         1.0 if grad_scale is None else grad_scale, flags, torch.get_num_threads(),
         torch_kernel_numerics().vector_width,
     )  # fmt: skip
 
 
 def run_adam(
-    table: _Table,
-    dtype: torch.dtype,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    l1: float,
-    maximize: bool,
-    grad_scale: float | None,
+    table: _Table, dtype: torch.dtype, hyper: AdamHyper, *, grad_scale: float | None
 ) -> None:
     """One ProxAdam(W) step of the kernel over a checked ``table`` (rows: numels, params,
     grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs when ``amsgrad``, step counters)."""
-    flags = _AMSGRAD if amsgrad else 0
-    flags |= _common_flags(maximize, grad_scale, weight_decay, decoupled_weight_decay, l1)
-    decay = 1.0 - lr * weight_decay if (weight_decay != 0.0 and decoupled_weight_decay) else 1.0
+    h = hyper
+    lr = float(h.lr)
+    flags = _AMSGRAD if h.amsgrad else 0
+    flags |= _common_flags(h.maximize, grad_scale, h.weight_decay, h.decoupled_weight_decay, h.l1)
+    decoupled = h.weight_decay != 0.0 and h.decoupled_weight_decay
+    decay = 1.0 - lr * h.weight_decay if decoupled else 1.0
     rows = table.rows
     load().regoptim_adam(
         _DTYPE_CODE[dtype], table.n, rows[0], rows[1], rows[2], rows[3], rows[4],
-        rows[5] if amsgrad else None, rows[-1], lr, float(beta1), float(beta2), float(eps),
-        float(weight_decay), decay, lr * l1, 1.0 if grad_scale is None else grad_scale, flags,
-        torch.get_num_threads(), torch_kernel_numerics().vector_width,
+        rows[5] if h.amsgrad else None, rows[-1], lr, float(h.beta1), float(h.beta2),
+        float(h.eps), float(h.weight_decay), decay, lr * h.l1,
+        1.0 if grad_scale is None else grad_scale, flags, torch.get_num_threads(),
+        torch_kernel_numerics().vector_width,
     )  # fmt: skip
 
 

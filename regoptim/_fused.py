@@ -4,8 +4,9 @@
   (``regoptim._kernels``).
 * CPU tensors otherwise: the fused CPU kernel (``regoptim._cpu_fused``).
 
-Both backends expose the same two functions with the signatures below; the optimizers call
-:func:`fused_prox_sgd_` / :func:`fused_prox_adam_` once per (device, dtype) group.
+Both backends expose the same two functions with the signatures below, taking the family's
+hyperparameter record (``regoptim.hyper``); the optimizers call :func:`fused_prox_sgd_` /
+:func:`fused_prox_adam_` once per (device, dtype) group.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+
+from regoptim.hyper import AdamHyper, SgdHyper
 
 __all__ = [
     "call_fused",
@@ -94,40 +97,26 @@ def fused_prox_sgd_(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor] | None,
+    hyper: SgdHyper,
     *,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    l1: float,
     is_first_step: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
     """One ProxSGD step for tensors of one device and dtype (see ``ProxSGD`` for the math).
 
-    ``momentum_buffers`` is ``None`` when ``momentum == 0``; otherwise one buffer per parameter,
-    freshly allocated (contents undefined) when ``is_first_step``. ``lr`` may be a 1-element tensor
-    on the params' device. ``grad_scale``/``found_inf`` follow torch's fused-optimizer protocol: the
-    kernel divides the gradient by ``grad_scale`` and, where ``found_inf != 0``, leaves parameters
-    and state untouched.
+    ``momentum_buffers`` is ``None`` when ``hyper.momentum == 0``; otherwise one buffer per
+    parameter, freshly allocated (contents undefined) when ``is_first_step``. ``hyper.lr`` may be a
+    1-element tensor on the params' device. ``grad_scale``/``found_inf`` follow torch's
+    fused-optimizer protocol: the kernel divides the gradient by ``grad_scale`` and, where
+    ``found_inf != 0``, leaves parameters and state untouched.
     """
     backend = _backend_module(params[0].device.type)
     backend.fused_prox_sgd_(
         params,
         grads,
         momentum_buffers,
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay,
-        l1=l1,
+        hyper,
         is_first_step=is_first_step,
         grad_scale=grad_scale,
         found_inf=found_inf,
@@ -141,23 +130,15 @@ def fused_prox_adam_(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor] | None,
     state_steps: list[Tensor],
+    hyper: AdamHyper,
     *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    l1: float,
-    maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
     """One ProxAdam/ProxAdamW step for tensors of one device and dtype (see ``ProxAdam``).
 
     ``state_steps`` are float32 0-d tensors on the params' device, incremented here (not when
-    ``found_inf`` is set). ``max_exp_avg_sqs`` is ``None`` unless ``amsgrad``.
+    ``found_inf`` is set). ``max_exp_avg_sqs`` is ``None`` unless ``hyper.amsgrad``.
     """
     backend = _backend_module(params[0].device.type)
     backend.fused_prox_adam_(
@@ -167,15 +148,7 @@ def fused_prox_adam_(
         exp_avg_sqs,
         max_exp_avg_sqs,
         state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        l1=l1,
-        maximize=maximize,
+        hyper,
         grad_scale=grad_scale,
         found_inf=found_inf,
     )

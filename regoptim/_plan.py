@@ -32,6 +32,7 @@ from torch import Tensor
 from regoptim import _cpu_fused
 from regoptim._fused import fused_backend
 from regoptim._guard import role_key
+from regoptim.hyper import AdamHyper, SgdHyper
 from regoptim.optimizer import _cpu_kernel_installed, resolve_impl
 
 __all__ = ["Plan", "adam_step", "build", "sgd_step"]
@@ -184,24 +185,13 @@ def _run(opt: torch.optim.Optimizer, group: dict[str, Any], family: str) -> bool
     if plan.lists(opt, group) is None:
         _miss(opt, group)
         return False
-    lr = group["lr"]
-    lr = float(lr) if isinstance(lr, Tensor) else lr
+    # decay_scaling other than "lr" never has a plan, so the group's weight_decay is the step's
     if family == "sgd":
-        _cpu_fused.run_sgd(
-            plan.table, plan.dtype, lr=lr, weight_decay=group["weight_decay"],
-            momentum=group["momentum"], dampening=group["dampening"],
-            nesterov=group["nesterov"], maximize=group["maximize"],
-            decoupled_weight_decay=group["decoupled_weight_decay"], l1=group["l1"],
-            is_first_step=False, grad_scale=None,
-        )  # fmt: skip
+        sgd = SgdHyper.from_group(group, group["weight_decay"])
+        _cpu_fused.run_sgd(plan.table, plan.dtype, sgd, is_first_step=False, grad_scale=None)
     else:
-        beta1, beta2 = group["betas"]
-        _cpu_fused.run_adam(
-            plan.table, plan.dtype, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
-            l1=group["l1"], maximize=group["maximize"], grad_scale=None,
-        )  # fmt: skip
+        adam = AdamHyper.from_group(group, group["weight_decay"])
+        _cpu_fused.run_adam(plan.table, plan.dtype, adam, grad_scale=None)
     return True
 
 

@@ -2,30 +2,24 @@ r"""ProxAdam and ProxAdamW: torch.optim.Adam/AdamW with a proximal L1 step in Ad
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.optim.adam as _torch_adam
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from regoptim import _plan
-from regoptim._eager_prox import adam_prox_l1_
-from regoptim._fused import call_fused
+from regoptim._adam_impl import run
 from regoptim._group_step import fused_group_adam_step
-from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.group_prox import apply_group_prox_, resolve_group_axes, validate_group_lasso
+from regoptim.hyper import AdamHyper
 from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
     check_fused_params,
-    group_tensors,
-    on_device,
     predecay_,
     resolve_impl,
-    unscale_or_skip,
     validate_betas,
     validate_decay_scaling,
     validate_flag,
@@ -34,7 +28,7 @@ from regoptim.optimizer import (
     validate_optional_flag,
 )
 
-__all__ = ["ProxAdam", "ProxAdamW", "prox_adam"]
+__all__ = ["ProxAdam", "prox_adam"]
 
 
 class ProxAdam(ProxOptimizer):
@@ -344,31 +338,19 @@ class ProxAdam(ProxOptimizer):
         has_complex = self._init_group(
             group, impl, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
         )
-        beta1, beta2 = group["betas"]
         weight_decay = predecay_(self, group, params)  # decay_scaling other than "lr"
-        step = functools.partial(
-            _IMPLS[impl],
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            state_steps,
+        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        run(
+            impl,
+            lists,
+            AdamHyper.from_group(group, weight_decay),
             getattr(self, "grad_scale", None),
             getattr(self, "found_inf", None),
-            amsgrad=group["amsgrad"],
-            has_complex=has_complex,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=weight_decay,
-            eps=group["eps"],
-            maximize=group["maximize"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            l1=group["l1"],
-            **_eager_flags(impl, group["capturable"], group["differentiable"]),
+            has_complex,
+            group["capturable"],
+            group["differentiable"],
+            group["fused"],
         )
-        call_fused(step, default_path=impl == "fused" and group["fused"] is None)
         if group["group_l1"] != 0:
             apply_group_prox_(self, group, adam=True)
 
@@ -376,98 +358,6 @@ class ProxAdam(ProxOptimizer):
 def _squeezed(beta: Any) -> Any:
     """torch's ``_to_scalar``: a 1-element tensor as a 0-d tensor, anything else as it is."""
     return beta.squeeze() if isinstance(beta, Tensor) and beta.dim() != 0 else beta
-
-
-def _eager_flags(impl: Impl, capturable: bool, differentiable: bool) -> dict[str, bool]:
-    """``capturable``/``differentiable`` for the eager paths only (the fused kernels take neither:
-    fused with differentiable is refused, and they keep ``step`` on the device themselves)."""
-    if impl == "fused":
-        if differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        return {}
-    return {"capturable": capturable, "differentiable": differentiable}
-
-
-class ProxAdamW(ProxAdam):
-    r"""ProxAdam with decoupled weight decay: :class:`torch.optim.AdamW` plus a proximal L1 step.
-
-    Same math as :class:`ProxAdam` with ``decoupled_weight_decay=True`` (and AdamW's default
-    ``weight_decay=1e-2``); with ``l1=0`` it computes exactly what ``torch.optim.AdamW`` computes.
-
-    Args:
-        params: iterable of parameters or named parameters, or of dicts defining groups.
-        lr: learning rate, a float or a 1-element tensor (default: 1e-3).
-        betas: running-average coefficients, each in [0, 1) (default: (0.9, 0.999)).
-        eps: term added to the denominator (default: 1e-8).
-        weight_decay: decoupled weight decay coefficient (default: 1e-2).
-        amsgrad: use the running maximum of the second moment (default: False).
-        l1: L1 strength of the proximal step in Adam's metric (default: 0).
-        group_l1: group lasso strength, its prox in Adam's metric (default: 0; see
-            :class:`ProxAdam`).
-        group_axes: the group axis of each parameter (``None``: 0 for each; see
-            :class:`ProxAdam`).
-        decay_scaling: how decoupled decay follows the lr: ``"lr"`` (default, torch's
-            :math:`\theta \leftarrow \theta(1 - \gamma\lambda)`), ``"schedule"``
-            (:math:`\theta \leftarrow \theta(1 - \lambda\gamma/\gamma_0)`, with
-            :math:`\gamma_0` the group's ``initial_lr``: a scheduler's, else the lr at
-            construction; the decay follows the schedule's shape, not its scale) or ``"none"``
-            (:math:`\theta \leftarrow \theta(1 - \lambda)` every step, whatever the lr).
-            Decoupled decay only: a ValueError with coupled ``weight_decay``. Other than
-            ``"lr"``, the decay is one extra pass over the parameters before the step.
-        maximize: maximize the objective instead of minimizing it (default: False).
-        foreach: use torch's foreach implementation (``None``: pick).
-        capturable: keep ``step`` on the device for CUDA graphs (see :class:`ProxAdam`).
-        differentiable: autograd through the step (see :class:`ProxAdam`).
-        fused: use regoptim's fused kernels (``None``: pick; see :class:`ProxAdam`).
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        l1: float = 0.0,
-        group_l1: float = 0.0,
-        group_axes: list[int] | None = None,
-        decay_scaling: str = "lr",
-        maximize: bool = False,
-        foreach: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            decoupled_weight_decay=True,
-            l1=l1,
-            group_l1=group_l1,
-            group_axes=group_axes,
-            decay_scaling=decay_scaling,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-        )
-
-    @staticmethod
-    def _default_decoupled() -> bool:
-        return True
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # as torch.optim.AdamW: any state loaded into ProxAdamW decays decoupled
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
 
 
 def prox_adam(
@@ -515,216 +405,20 @@ def prox_adam(
         capturable=capturable,
         fused_ok=group_l1 == 0,
     )
-    step = functools.partial(
-        _IMPLS[impl],
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        grad_scale,
-        found_inf,
-        amsgrad=amsgrad,
-        has_complex=has_complex,
+    hyper = AdamHyper(
+        lr=lr,
         beta1=beta1,
         beta2=beta2,
-        lr=lr,
-        weight_decay=weight_decay,
         eps=eps,
-        maximize=maximize,
+        weight_decay=weight_decay,
         decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
         l1=l1,
-        **_eager_flags(impl, capturable, differentiable),
     )
-    call_fused(step, default_path=impl == "fused" and fused is None)
-
-
-def _eager_prox_adam(
-    impl: Impl,
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    *,
-    amsgrad: bool,
-    has_complex: bool,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    l1: float,
-    capturable: bool = False,
-    differentiable: bool = False,
-) -> None:
-    # torch.optim's own Adam does everything but the prox, which follows in a second pass that
-    # rebuilds the update's denominator from the state torch just wrote.
-    if (grad_scale is not None or found_inf is not None) and unscale_or_skip(
-        grads, grad_scale, found_inf
-    ):
-        return
-    _torch_adam.adam(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        foreach=impl == "foreach",
-        fused=impl == "torch_fused",
-        # under torch.compile dynamo sets "capturable" to True in torch's own optimizers' groups;
-        # torch's non-capturable foreach Adam does not trace on CPU
-        capturable=capturable or torch.compiler.is_compiling(),
-        differentiable=differentiable,
-        has_complex=has_complex,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        beta1=beta1,
-        beta2=beta2,
-        lr=lr,
-        weight_decay=weight_decay,
-        eps=eps,
-        maximize=maximize,
-    )
-    if l1 != 0:
-        adam_prox_l1_(
-            params,
-            max_exp_avg_sqs if amsgrad else exp_avg_sqs,
-            state_steps,
-            lr=lr,
-            beta2=beta2,
-            eps=eps,
-            l1=l1,
-            foreach=impl in ("foreach", "torch_fused"),
-            on_device_step=capturable or differentiable,
-            differentiable=differentiable,
-        )
-
-
-def _fused_prox_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    *,
-    amsgrad: bool,
-    has_complex: bool,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    l1: float,
-) -> None:
-    from regoptim._fused import fused_prox_adam_
-
-    kwargs: dict[str, Any] = {
-        "amsgrad": amsgrad,
-        "beta1": beta1,
-        "beta2": beta2,
-        "weight_decay": weight_decay,
-        "eps": eps,
-        "maximize": maximize,
-        "decoupled_weight_decay": decoupled_weight_decay,
-        "l1": l1,
-    }
-    all_params = params
-    cplx, mixed = eager_indices(
-        _FUSED_DTYPES, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None
-    )
-    if cplx:
-        # complex parameters (their prox couples the two components), dtypes the kernels do not
-        # store (float64), and grads/state of another dtype than their param (as torch allows)
-        # take torch's for-loop; the rest stay fused
-        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-        pick = [[lst[i] for i in cplx] if lst else [] for lst in lists]
-        with eager_context("ProxAdam fused step", mixed):
-            _eager_prox_adam(
-                "loop", *pick, grad_scale, found_inf, lr=lr, has_complex=has_complex, **kwargs
-            )  # type: ignore[arg-type]
-        eager = set(cplx)
-        keep = [i for i in range(len(params)) if i not in eager]
-        rest = [[lst[i] for i in keep] if lst else [] for lst in lists]
-        if not rest[0]:
-            return
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = rest
-    tensorlists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
-    with renumbered(all_params):  # errors name the index in `params`, not in a device group
-        for (device, _), ((dps, dgs, dms, dvs, dvmaxs, dsteps), _) in group_tensors(tensorlists):  # type: ignore[arg-type]
-            fused_prox_adam_(
-                dps,
-                dgs,
-                dms,
-                dvs,
-                dvmaxs if amsgrad else None,
-                dsteps,
-                lr=on_device(lr, device),
-                grad_scale=on_device(grad_scale, device),
-                found_inf=on_device(found_inf, device),
-                **kwargs,
-            )
-
-
-# real dtypes regoptim's fused kernels store
-_FUSED_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16))
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    run(impl, lists, hyper, grad_scale, found_inf, has_complex, capturable, differentiable, fused)
 
 
 def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _loop(*args: Any, **kwargs: Any) -> None:
-    _eager_prox_adam("loop", *args, **kwargs)
-
-
-def _foreach(*args: Any, **kwargs: Any) -> None:
-    _eager_prox_adam("foreach", *args, **kwargs)
-
-
-def _torch_fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *args: Any,
-    **kwargs: Any,
-) -> None:
-    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
-    shaped = lists[:5] if kwargs["amsgrad"] else lists[:4]
-    names = ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
-    where = "ProxAdam step (torch's fused kernel)"
-    with renumbered(params):
-        eager, mixed = torch_fused_split(where, names, shaped, state_steps)
-    if not eager:
-        _eager_prox_adam("torch_fused", *lists, *args, **kwargs)
-        return
-    eager_set = set(eager)
-    keep = [i for i in range(len(params)) if i not in eager_set]
-    for impl, idx in (("loop", eager), ("torch_fused", keep)):
-        if idx:
-            sub = [[lst[i] for i in idx] if lst else [] for lst in lists]
-            with renumbered(params), eager_context(where, mixed if impl == "loop" else []):
-                _eager_prox_adam(impl, *sub, *args, **kwargs)  # type: ignore[arg-type]
-
-
-_IMPLS: dict[str, Callable[..., None]] = {
-    "loop": _loop,
-    "foreach": _foreach,
-    "torch_fused": _torch_fused,
-    "fused": _fused_prox_adam,
-}

@@ -4,12 +4,12 @@ A record is built once per param group and step from the group's dict (after val
 ``decay_scaling``) and travels unchanged to whichever backend runs the step (eager torch, the C++
 CPU kernel, the Triton kernels), instead of the same keywords written out in every backend's
 signature. Backends read the fields they need; a new regularizer adds a record here and one form
-per backend.
+per backend. Defaults are torch.optim's, so a record names only what differs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor
@@ -24,13 +24,13 @@ class SgdHyper:
     of the elementwise prox."""
 
     lr: float | Tensor
-    weight_decay: float
-    momentum: float
-    dampening: float
-    nesterov: bool
-    maximize: bool
-    decoupled_weight_decay: bool
-    l1: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+    decoupled_weight_decay: bool = False
+    l1: float = 0.0
 
     @classmethod
     def from_group(cls, group: dict[str, Any], weight_decay: float) -> SgdHyper:
@@ -45,6 +45,10 @@ class SgdHyper:
             l1=group["l1"],
         )
 
+    def on(self, device: Any) -> SgdHyper:
+        """This record with a tensor ``lr`` moved to ``device``."""
+        return replace(self, lr=self.lr.to(device)) if isinstance(self.lr, Tensor) else self
+
 
 @dataclass(frozen=True)
 class AdamHyper:
@@ -52,14 +56,14 @@ class AdamHyper:
     :class:`SgdHyper`."""
 
     lr: float | Tensor
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    decoupled_weight_decay: bool
-    amsgrad: bool
-    maximize: bool
-    l1: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False
+    amsgrad: bool = False
+    maximize: bool = False
+    l1: float = 0.0
 
     @classmethod
     def from_group(cls, group: dict[str, Any], weight_decay: float) -> AdamHyper:
@@ -75,6 +79,10 @@ class AdamHyper:
             maximize=group["maximize"],
             l1=group["l1"],
         )
+
+    def on(self, device: Any) -> AdamHyper:
+        """This record with a tensor ``lr`` moved to ``device``."""
+        return replace(self, lr=self.lr.to(device)) if isinstance(self.lr, Tensor) else self
 
 
 @dataclass(frozen=True)

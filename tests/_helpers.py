@@ -61,3 +61,21 @@ def assert_torch_fused_parity(a: torch.Tensor, b: torch.Tensor) -> None:
         return
     ulp = (torch.nextafter(b, torch.full_like(b, float("inf"))) - b).abs()
     assert bool(((a - b).abs() <= ulp).all()), f"more than one ulp apart: {(a - b).abs().max()}"
+
+
+def sgd_backend_step(fn: Any, params, grads, bufs, *, is_first_step: bool = False,
+                     grad_scale=None, found_inf=None, **hyper: Any) -> None:  # fmt: skip
+    """Call a fused backend's ``fused_prox_sgd_`` with the hyperparameters as keywords."""
+    from regoptim.hyper import SgdHyper
+
+    fn(params, grads, bufs, SgdHyper(**hyper), is_first_step=is_first_step,
+       grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip
+
+
+def adam_backend_step(fn: Any, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
+                      grad_scale=None, found_inf=None, **hyper: Any) -> None:  # fmt: skip
+    """Call a fused backend's ``fused_prox_adam_`` with the hyperparameters as keywords."""
+    from regoptim.hyper import AdamHyper
+
+    fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, AdamHyper(**hyper),
+       grad_scale=grad_scale, found_inf=found_inf)  # fmt: skip

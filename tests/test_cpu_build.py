@@ -35,8 +35,8 @@ os.umask(0o002)  # common for users with their own group: the linker's output is
 from regoptim import _cpu_fused as cf
 print(cf.available())
 p = [torch.randn(100)]
-cf.fused_prox_sgd_(p, [torch.randn(100)], None, lr=0.1, weight_decay=0.0, momentum=0.0,
-    dampening=0.0, nesterov=False, maximize=False, decoupled_weight_decay=False, l1=0.1,
+from regoptim.hyper import SgdHyper
+cf.fused_prox_sgd_(p, [torch.randn(100)], None, SgdHyper(lr=0.1, l1=0.1),
     is_first_step=True, grad_scale=None, found_inf=None)
 assert torch.isfinite(p[0]).all()
 print(cf.build_info()["source"], cf.build_count(), sep="|")

@@ -20,7 +20,7 @@ import torch
 from regoptim import _cpu_build as cb
 from regoptim import _cpu_fused as cf
 from regoptim import reference as ref
-from tests._helpers import assert_torch_fused_parity
+from tests._helpers import adam_backend_step, assert_torch_fused_parity, sgd_backend_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tolerances import assert_close_to_ref  # noqa: E402
@@ -44,7 +44,8 @@ def _run_sgd(params, grads_per_step, *, lr=0.1, **hp):
     states = [{} for _ in params]
     bufs = [torch.empty_like(p) for p in params] if hp.get("momentum", 0.0) else None
     for step, grads in enumerate(grads_per_step):
-        cf.fused_prox_sgd_(
+        sgd_backend_step(
+            cf.fused_prox_sgd_,
             params,
             [g.clone() for g in grads],
             bufs,
@@ -75,7 +76,8 @@ def _run_adam(params, grads_per_step, *, lr=0.01, **hp):
     steps = [torch.tensor(0.0) for _ in params]
     betas = hp.get("betas", (0.9, 0.999))
     for grads in grads_per_step:
-        cf.fused_prox_adam_(
+        adam_backend_step(
+            cf.fused_prox_adam_,
             params,
             [g.clone() for g in grads],
             m,
@@ -194,7 +196,7 @@ def test_bf16_fp16_rounding_matches_torch():
         p = vals.to(dtype)
         expected = p.clone()
         b = (vals * 3).to(dtype)
-        cf.fused_prox_sgd_(
+        sgd_backend_step(cf.fused_prox_sgd_,
             [p], [torch.zeros_like(p)], [b], lr=0.0, weight_decay=0.0, momentum=0.0,
             dampening=0.0, nesterov=False, maximize=False, decoupled_weight_decay=False,
             l1=0.0, is_first_step=False, grad_scale=None, found_inf=None,
@@ -204,7 +206,7 @@ def test_bf16_fp16_rounding_matches_torch():
         assert torch.equal(p[~nan].view(torch.int16), expected[~nan].view(torch.int16))
         # momentum buffer update b <- 1 * b + 0 (mu = 1): b's round trip through float32
         b0 = b.clone()
-        cf.fused_prox_sgd_(
+        sgd_backend_step(cf.fused_prox_sgd_,
             [p], [torch.zeros_like(p)], [b], lr=0.0, weight_decay=0.0, momentum=1.0,
             dampening=0.0, nesterov=False, maximize=False, decoupled_weight_decay=False,
             l1=0.0, is_first_step=False, grad_scale=None, found_inf=None,
@@ -215,7 +217,7 @@ def test_bf16_fp16_rounding_matches_torch():
         g = torch.randn(4096 + 14).to(dtype)
         p = vals.to(dtype)
         expected = (p.float() + g.float()).to(dtype)
-        cf.fused_prox_sgd_(
+        sgd_backend_step(cf.fused_prox_sgd_,
             [p], [g], None, lr=-1.0, weight_decay=0.0, momentum=0.0, dampening=0.0,
             nesterov=False, maximize=False, decoupled_weight_decay=False, l1=0.0,
             is_first_step=False, grad_scale=None, found_inf=None,
@@ -278,7 +280,7 @@ def test_sgd_bitwise_torch_fused(nesterov, dampening, maximize):
             params, g_t, b_t, lr=0.1, maximize=maximize, is_first_step=step == 0,
             grad_scale=scale, **hp,
         )  # fmt: skip
-        cf.fused_prox_sgd_(
+        sgd_backend_step(cf.fused_prox_sgd_,
             mine, g_m, b_m, lr=0.1, maximize=maximize, is_first_step=step == 0,
             decoupled_weight_decay=False, l1=0.0, grad_scale=scale, found_inf=None, **hp,
         )  # fmt: skip
@@ -305,7 +307,7 @@ def test_adam_bitwise_torch_fused(adamw, amsgrad, beta1):
             steps_t, lr=1e-2, beta1=beta1, beta2=0.999, weight_decay=1e-2, eps=1e-8,
             amsgrad=amsgrad, maximize=False,
         )  # fmt: skip
-        cf.fused_prox_adam_(
+        adam_backend_step(cf.fused_prox_adam_,
             mine, [x.clone() for x in g], st_m[0], st_m[1], st_m[2] if amsgrad else None,
             steps_m, lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=1e-2,
             decoupled_weight_decay=adamw, amsgrad=amsgrad, l1=0.0, maximize=False,
@@ -326,7 +328,7 @@ def _sgd_call(params, grads, bufs, **kw):
         found_inf=None,
     )  # fmt: skip
     base.update(kw)
-    cf.fused_prox_sgd_(params, grads, bufs, **base)
+    sgd_backend_step(cf.fused_prox_sgd_, params, grads, bufs, **base)
 
 
 def test_found_inf_skips_everything():
@@ -342,7 +344,7 @@ def test_found_inf_skips_everything():
     v = [torch.rand_like(p) for p in params]
     steps = [torch.tensor(3.0) for _ in params]
     before = [t.clone() for t in params + grads + m + v + steps]
-    cf.fused_prox_adam_(
+    adam_backend_step(cf.fused_prox_adam_,
         params, grads, m, v, None, steps, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
         weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, l1=0.05, maximize=False,
         grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0),
@@ -407,8 +409,8 @@ import time, torch
 t0 = time.perf_counter()
 from regoptim import _cpu_fused as cf
 p = [torch.randn(100)]
-cf.fused_prox_sgd_(p, [torch.randn(100)], None, lr=0.1, weight_decay=0.0, momentum=0.0,
-    dampening=0.0, nesterov=False, maximize=False, decoupled_weight_decay=False, l1=0.1,
+from regoptim.hyper import SgdHyper
+cf.fused_prox_sgd_(p, [torch.randn(100)], None, SgdHyper(lr=0.1, l1=0.1),
     is_first_step=True, grad_scale=None, found_inf=None)
 print(cf.build_info()["source"], cf.build_count(), time.perf_counter() - t0, sep="|")
 """

@@ -19,6 +19,7 @@ from regoptim._kernels import available, fused_prox_adam_, fused_prox_sgd_  # no
 from tolerances import TOL, assert_close_to_ref  # noqa: E402
 
 from regoptim.reference import adam_step, sgd_step  # noqa: E402
+from tests._helpers import adam_backend_step, sgd_backend_step  # noqa: E402
 
 NO_CUDA = not torch.cuda.is_available()
 DEVICES = [
@@ -85,7 +86,8 @@ def run_sgd(
             decoupled_weight_decay=decoupled_weight_decay,
             l1=l1,
         )
-        fused_prox_sgd_(
+        sgd_backend_step(
+            fused_prox_sgd_,
             params,
             grads,
             bufs,
@@ -142,7 +144,8 @@ def run_adam(
             l1=l1,
             maximize=maximize,
         )
-        fused_prox_adam_(
+        adam_backend_step(
+            fused_prox_adam_,
             params,
             grads,
             **state,
@@ -328,7 +331,7 @@ def test_sgd_equals_torch_optim_float32(device, flags):
         for t, g in zip(theirs, grads, strict=True):
             t.grad = g.clone()
         opt.step()
-        fused_prox_sgd_(
+        sgd_backend_step(fused_prox_sgd_,
             params, grads, bufs, lr=0.1, dampening=flags.get("dampening", 0.0),
             nesterov=flags.get("nesterov", False), maximize=flags.get("maximize", False),
             momentum=flags["momentum"], weight_decay=flags["weight_decay"],
@@ -353,7 +356,7 @@ def test_adam_equals_torch_optim_float32(device, case):
         for t, g in zip(theirs, grads, strict=True):
             t.grad = g.clone()
         opt.step()
-        fused_prox_adam_(
+        adam_backend_step(fused_prox_adam_,
             params, grads, **state, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
             weight_decay=flags["weight_decay"], decoupled_weight_decay=cls is torch.optim.AdamW,
             amsgrad=flags.get("amsgrad", False), l1=0.0, maximize=flags.get("maximize", False),
@@ -389,7 +392,7 @@ def test_sgd_found_inf_skips_everything(device, first_step):
     grads = _make(sizes, torch.float32, device, 1)
     bufs = [torch.full_like(p, 7.0) for p in params]
     before = _snapshot(params + bufs)
-    fused_prox_sgd_(
+    sgd_backend_step(fused_prox_sgd_,
         params, grads, bufs, lr=_lr(0.1, True, device), weight_decay=0.1, momentum=0.9,
         dampening=0.0, nesterov=True, maximize=False, decoupled_weight_decay=True, l1=0.5,
         is_first_step=first_step, grad_scale=torch.tensor(2.0, device=device),
@@ -411,7 +414,7 @@ def test_adam_found_inf_skips_everything(device, amsgrad):
             t.fill_(0.5)
     flat_state = [t for lst in state.values() if lst is not None for t in lst]
     before = _snapshot(params + flat_state)
-    fused_prox_adam_(
+    adam_backend_step(fused_prox_adam_,
         params, grads, **state, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
         decoupled_weight_decay=True, amsgrad=amsgrad, l1=2.0, maximize=False,
         grad_scale=torch.tensor(2.0, device=device), found_inf=torch.tensor(1.0, device=device),
@@ -430,7 +433,7 @@ def test_sgd_grad_scale_unscales(device):
             grads = [g * grad_scale for g in grads]
         bufs = [torch.empty_like(p) for p in params]
         for first in (True, False):
-            fused_prox_sgd_(
+            sgd_backend_step(fused_prox_sgd_,
                 params, grads, bufs, lr=0.1, weight_decay=0.1, momentum=0.9, dampening=0.0,
                 nesterov=False, maximize=True, decoupled_weight_decay=False, l1=0.5,
                 is_first_step=first,
@@ -452,7 +455,7 @@ def test_adam_grad_scale_unscales(device):
             grads = [g * grad_scale for g in grads]
         state = _adam_state(params, True)
         for _ in range(2):
-            fused_prox_adam_(
+            adam_backend_step(fused_prox_adam_,
                 params, grads, **state, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8,
                 weight_decay=0.1, decoupled_weight_decay=False, amsgrad=True, l1=2.0,
                 maximize=False,
@@ -544,25 +547,25 @@ def test_sgd_changing_lr_does_not_recompile(device, sgd_recorder):
         momentum=0.9, dampening=0.0, nesterov=False, maximize=False,
         decoupled_weight_decay=True, grad_scale=None, found_inf=None,
     )  # fmt: skip
-    fused_prox_sgd_(params, _make([5, 1025], torch.float32, device, 1), bufs, lr=lr,
+    sgd_backend_step(fused_prox_sgd_,params, _make([5, 1025], torch.float32, device, 1), bufs, lr=lr,
                     weight_decay=0.1, l1=0.5, is_first_step=True, **kw)  # fmt: skip
     baseline = sgd_recorder.compilations()
     for step in range(1, 5):
         lr.fill_(0.1 / (step + 1))  # an LR schedule on the device tensor
         grads = _make([5, 1025], torch.float32, device, step + 1)
         # the runtime values move too: weight decay and l1 (nonzero) change every step
-        fused_prox_sgd_(params, grads, bufs, lr=lr, weight_decay=0.1 * step, l1=0.5 / step,
+        sgd_backend_step(fused_prox_sgd_,params, grads, bufs, lr=lr, weight_decay=0.1 * step, l1=0.5 / step,
                         is_first_step=False, **kw)  # fmt: skip
     steady = sgd_recorder.compilations()
     for step in range(3):  # a float lr schedule
         grads = _make([5, 1025], torch.float32, device, step + 10)
-        fused_prox_sgd_(params, grads, bufs, lr=0.3 / (step + 1), weight_decay=0.1, l1=0.5,
+        sgd_backend_step(fused_prox_sgd_,params, grads, bufs, lr=0.3 / (step + 1), weight_decay=0.1, l1=0.5,
                         is_first_step=False, **kw)  # fmt: skip
     float_steady = sgd_recorder.compilations()
     schedule = torch.tensor([0.1, 0.05, 0.02], device=device)
     for step in range(3):  # lr as views into a schedule tensor: 4-byte offsets, no new variant
         grads = _make([5, 1025], torch.float32, device, step + 20)
-        fused_prox_sgd_(params, grads, bufs, lr=schedule[step], weight_decay=0.1, l1=0.5,
+        sgd_backend_step(fused_prox_sgd_,params, grads, bufs, lr=schedule[step], weight_decay=0.1, l1=0.5,
                         is_first_step=False, **kw)  # fmt: skip
     # the first step and the float-lr path are constexpr variants: one compile each, then none
     assert steady == baseline + 1
@@ -581,7 +584,7 @@ def test_adam_changing_lr_does_not_recompile(device, adam_recorder):
     lr = torch.tensor(1e-3, device=device)
     for step in range(5):
         lr.fill_(1e-3 * (step + 1))
-        fused_prox_adam_(
+        adam_backend_step(fused_prox_adam_,
             params, _make(sizes, torch.float32, device, step + 1), **state, lr=lr,
             beta1=0.9 - 0.01 * step, beta2=0.999, eps=1e-8 * (step + 1), weight_decay=0.01 * (step + 1),
             decoupled_weight_decay=True, amsgrad=False, l1=1.0 + step, maximize=False,
@@ -596,7 +599,7 @@ def test_recorder_sees_constexpr_changes(device, sgd_recorder):
     """The compile counter is not vacuous: flipping a constexpr flag is a new specialisation."""
     params = _make([5], torch.float32, device, 0)
     for maximize in (False, True):
-        fused_prox_sgd_(
+        sgd_backend_step(fused_prox_sgd_,
             params, _make([5], torch.float32, device, 1), None, lr=0.1, weight_decay=0.0,
             momentum=0.0, dampening=0.0, nesterov=False, maximize=maximize,
             decoupled_weight_decay=False, l1=0.0, is_first_step=False, grad_scale=None,
@@ -637,7 +640,7 @@ def test_sgd_noncontiguous_layouts(device):
     ref = [p.to(torch.float64).cpu() for p in params]
     bufs = [torch.empty_like(p) for p in params]  # preserve_format: same layout as the params
     for step in range(2):
-        fused_prox_sgd_(
+        sgd_backend_step(fused_prox_sgd_,
             params, grads, bufs, lr=0.1, weight_decay=0.1, momentum=0.9, dampening=0.0,
             nesterov=True, maximize=False, decoupled_weight_decay=False, l1=0.5,
             is_first_step=step == 0, grad_scale=None, found_inf=None,
@@ -662,7 +665,7 @@ def test_adam_noncontiguous_layouts(device):
     ref_state: list[dict[str, Any]] = [{} for _ in params]
     ref = [p.to(torch.float64).cpu() for p in params]
     for _ in range(2):
-        fused_prox_adam_(
+        adam_backend_step(fused_prox_adam_,
             params, grads, **state, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
             decoupled_weight_decay=True, amsgrad=True, l1=2.0, maximize=False, grad_scale=None,
             found_inf=None,
@@ -688,7 +691,7 @@ def test_sgd_complex(device, l1):
     for step in range(N_STEPS):
         grads = [torch.randn(n, generator=g, dtype=torch.complex64).to(device) for n in sizes]
         grads[0] = grads[0].conj()  # a conj-bit view: copied in (resolved) before the launch
-        fused_prox_sgd_(
+        sgd_backend_step(fused_prox_sgd_,
             params, grads, bufs, lr=0.1, weight_decay=0.1, momentum=0.9, dampening=0.0,
             nesterov=False, maximize=True, decoupled_weight_decay=True, l1=l1,
             is_first_step=step == 0, grad_scale=None, found_inf=None,
@@ -713,7 +716,7 @@ def test_adam_complex_l1(device, amsgrad):
     ref_state: list[dict[str, Any]] = [{} for _ in params]
     for _ in range(N_STEPS):
         grads = [torch.randn(n, generator=g, dtype=torch.complex64).to(device) for n in sizes]
-        fused_prox_adam_(
+        adam_backend_step(fused_prox_adam_,
             params, grads, **state, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
             decoupled_weight_decay=False, amsgrad=amsgrad, l1=20.0, maximize=False,
             grad_scale=None, found_inf=None,
@@ -815,7 +818,7 @@ def test_torch_compile_sgd_step(device):
     sizes = [5, 1025]
 
     def train_step(params, grads, bufs, lr):
-        fused_prox_sgd_(
+        sgd_backend_step(fused_prox_sgd_,
             params, grads, bufs, lr=lr, weight_decay=0.1, momentum=0.9, dampening=0.0,
             nesterov=True, maximize=False, decoupled_weight_decay=True, l1=0.5,
             is_first_step=False, grad_scale=None, found_inf=None,
@@ -838,7 +841,7 @@ def test_torch_compile_adam_step(device):
     sizes = [5, 1025]
 
     def train_step(params, grads, state, lr):
-        fused_prox_adam_(
+        adam_backend_step(fused_prox_adam_,
             params, grads, **state, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
             decoupled_weight_decay=True, amsgrad=True, l1=2.0, maximize=False, grad_scale=None,
             found_inf=None,
@@ -901,7 +904,7 @@ def _sgd_compile_step(dtype: torch.dtype, sizes: tuple = (5, 1025), **flags: Any
     def step() -> None:
         params = [torch.randn(n).to(dtype) for n in sizes]
         amp = flags.pop("amp", False)
-        fused_prox_sgd_(
+        sgd_backend_step(fused_prox_sgd_,
             params, [torch.randn_like(p) for p in params],
             [torch.zeros_like(p) for p in params] if flags["momentum"] else None,
             lr=torch.tensor(0.1) if flags.pop("lr_tensor", False) else 0.1, dampening=0.0,
@@ -916,7 +919,7 @@ def _adam_compile_step(dtype: torch.dtype, sizes: tuple = (5, 1025), **flags: An
     def step() -> None:
         params = [torch.randn(n).to(dtype) for n in sizes]
         amp = flags.pop("amp", False)
-        fused_prox_adam_(
+        adam_backend_step(fused_prox_adam_,
             params, [torch.randn_like(p) for p in params], **_adam_state(params, flags["amsgrad"]),
             lr=torch.tensor(0.01) if flags.pop("lr_tensor", False) else 0.01, beta1=0.9,
             beta2=0.999, eps=1e-8, grad_scale=torch.tensor(2.0) if amp else None,
@@ -1004,7 +1007,7 @@ def test_aligned_variant(device, offset):
     ref_state: list[dict[str, Any]] = [{} for _ in params]
     ref = [p.to(torch.float64).cpu() for p in params]
     for _ in range(2):
-        fused_prox_sgd_(
+        sgd_backend_step(fused_prox_sgd_,
             params, grads, None, lr=0.1, weight_decay=0.1, momentum=0.0, dampening=0.0,
             nesterov=False, maximize=False, decoupled_weight_decay=True, l1=0.5,
             is_first_step=False, grad_scale=None, found_inf=None,
@@ -1051,7 +1054,7 @@ def test_cpu_and_cuda_variants_are_separate():
 def test_unsupported_dtype_is_a_clear_error(device):
     p = [torch.zeros(3, dtype=torch.float64, device=device)]
     with pytest.raises(TypeError, match="fused=False"):
-        fused_prox_sgd_(
+        sgd_backend_step(fused_prox_sgd_,
             p, [torch.ones_like(p[0])], None, lr=0.1, weight_decay=0.0, momentum=0.0,
             dampening=0.0, nesterov=False, maximize=False, decoupled_weight_decay=False, l1=0.0,
             is_first_step=False, grad_scale=None, found_inf=None,
@@ -1061,7 +1064,7 @@ def test_unsupported_dtype_is_a_clear_error(device):
 def test_mismatched_lists_are_a_clear_error(device):
     p = [torch.zeros(3, device=device)]
     with pytest.raises(TypeError, match="grad of parameter 0 is torch.float16, its parameter"):
-        fused_prox_sgd_(
+        sgd_backend_step(fused_prox_sgd_,
             p, [torch.ones(3, dtype=torch.float16, device=device)], None, lr=0.1,
             weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False,
             decoupled_weight_decay=False, l1=0.0, is_first_step=False, grad_scale=None,
@@ -1082,12 +1085,12 @@ def test_cuda_steady_state_step_needs_no_host_sync():
     found_inf, grad_scale = torch.zeros((), device="cuda"), torch.ones((), device="cuda")
 
     def steps(first: bool) -> None:
-        fused_prox_sgd_(
+        sgd_backend_step(fused_prox_sgd_,
             params, grads, bufs, lr=lr, weight_decay=0.1, momentum=0.9, dampening=0.0,
             nesterov=True, maximize=False, decoupled_weight_decay=True, l1=0.5,
             is_first_step=first, grad_scale=grad_scale, found_inf=found_inf,
         )  # fmt: skip
-        fused_prox_adam_(
+        adam_backend_step(fused_prox_adam_,
             params, grads, **state, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
             decoupled_weight_decay=True, amsgrad=True, l1=2.0, maximize=False,
             grad_scale=grad_scale, found_inf=found_inf,
