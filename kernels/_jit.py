@@ -1,6 +1,6 @@
 """Triton helpers shared by the two kernels (``@triton.jit``, inlined into them).
 
-They mirror ``regoptim.prox`` (soft-threshold, complex modulus shrink) and address the
+They mirror ``regoptim.regularizers.l1`` (soft-threshold, complex modulus shrink) and address the
 multi-tensor launch plan built in ``_common``.
 """
 
@@ -146,7 +146,7 @@ def load_scalar(ptr):
 
 @dual_jit
 def soft_threshold(x, t):
-    """``regoptim.prox.soft_threshold`` for real ``x``: ``x - clamp(x, -t, t)``.
+    """``regoptim.regularizers.l1.soft_threshold`` for real ``x``: ``x - clamp(x, -t, t)``.
 
     An exact zero where ``|x| <= t``, one rounding of ``x -/+ t`` elsewhere; NaN propagates.
     """
@@ -158,7 +158,7 @@ def complex_shrink(x, t, BLOCK: tl.constexpr):
     """Complex soft-threshold on the real view ``x`` (re, im interleaved): modulus shrink.
 
     ``t`` is a scalar or one threshold per complex entry (``BLOCK // 2``). Mirrors
-    ``regoptim.prox._complex_shrink``: 0 where ``|z| <= t``, ``z * (1 - t/|z|)`` elsewhere.
+    ``regoptim.regularizers.l1._complex_shrink``: 0 where ``|z| <= t``, ``z * (1 - t/|z|)`` elsewhere.
     """
     re, im = tl.split(tl.reshape(x, (BLOCK // 2, 2)))
     mod = tl.sqrt_rn(re * re + im * im)

@@ -12,7 +12,7 @@ from regoptim.adamw import ProxAdamW
 from regoptim.groups import param_groups
 from regoptim.paths import regularization_path
 from regoptim.penalties import l1_penalty, l2_penalty
-from regoptim.prox import soft_threshold, soft_threshold_
+from regoptim.regularizers.l1 import soft_threshold, soft_threshold_
 from regoptim.schedules import ParamGroupSchedule, schedule
 from regoptim.sgd import ProxSGD
 from regoptim.sparsity import GroupSparsityRow, SparsityReport, SparsityRow, sparsity

@@ -19,11 +19,11 @@ import torch
 import torch.optim.adam as _torch_adam
 from torch import Tensor
 
-from regoptim._eager_prox import adam_prox_l1_
 from regoptim._fused import call_fused
 from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.hyper import AdamHyper
 from regoptim.optimizer import Impl, group_tensors, on_device, unscale_or_skip
+from regoptim.regularizers.l1 import adam_prox_l1_
 
 __all__ = ["IMPLS", "run"]
 

@@ -262,7 +262,7 @@ def fused_prox_sgd_(
     prep.finish()
     if complex_l1:
         # the modulus shrink couples real and imaginary parts: one extra pass per tensor
-        from regoptim.prox import soft_threshold_
+        from regoptim.regularizers.l1 import soft_threshold_
 
         for p in params:
             soft_threshold_(p, lr_f * hyper.l1)

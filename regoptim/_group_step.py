@@ -1,7 +1,7 @@
 """The fused group-lasso step: the update and the group prox of a param group in one kernel call.
 
 With ``group_l1 > 0`` a param group's step is the family's update followed by the group prox over
-*all* of the group's parameters (``regoptim.group_prox``). When the group qualifies, one call of a
+*all* of the group's parameters (``regoptim.regularizers.group_lasso``). When the group qualifies, one call of a
 fused backend does both, reducing each group's norm across its tensors in cache:
 
 * CPU tensors: the C++ kernel (``regoptim._cpu_group``), on the default path (float32, the kernel
@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from regoptim._fused import fused_backend, fused_unavailable_reason
-from regoptim.group_prox import resolve_group_axes
 from regoptim.hyper import AdamHyper, GroupLasso, SgdHyper
 from regoptim.optimizer import predecay_, resolve_impl
+from regoptim.regularizers.group_lasso import resolve_group_axes
 
 __all__ = ["fused_group_adam_step", "fused_group_sgd_step"]
 

@@ -16,10 +16,11 @@ import torch
 import torch.optim.sgd as _torch_sgd
 from torch import Tensor
 
-from regoptim._eager_prox import decay_, prox_l1_
 from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.hyper import SgdHyper
 from regoptim.optimizer import Impl, group_tensors, on_device, unscale_or_skip
+from regoptim.regularizers.l1 import prox_l1_
+from regoptim.regularizers.weight_decay import decay_
 
 __all__ = ["IMPLS"]
 

@@ -12,7 +12,6 @@ from torch.optim.optimizer import ParamsT
 from regoptim import _plan
 from regoptim._adam_impl import run
 from regoptim._group_step import fused_group_adam_step
-from regoptim.group_prox import apply_group_prox_, resolve_group_axes, validate_group_lasso
 from regoptim.hyper import AdamHyper
 from regoptim.optimizer import (
     Impl,
@@ -26,6 +25,11 @@ from regoptim.optimizer import (
     validate_lr,
     validate_non_negative,
     validate_optional_flag,
+)
+from regoptim.regularizers.group_lasso import (
+    apply_group_prox_,
+    resolve_group_axes,
+    validate_group_lasso,
 )
 
 __all__ = ["ProxAdam", "prox_adam"]
@@ -85,7 +89,7 @@ class ProxAdam(ProxOptimizer):
     :math:`\|d \odot z\|_2 \le c`; otherwise :math:`x_i = d_i z_i \rho / (d_i \rho + c)`, where
     :math:`\rho = \|x\|_2` is the root in :math:`(0, \|z\|]` of
     :math:`\sum_i (d_i z_i / (d_i \rho + c))^2 = 1`, solved per group to the parameter's float
-    precision (safeguarded Newton, vectorised over the groups; ``regoptim.group_prox``). Group
+    precision (safeguarded Newton, vectorised over the groups; ``regoptim.regularizers.group_lasso``). Group
     :math:`g` is slice :math:`g` of every parameter of the param group along its axis in
     ``group_axes``. The prox covers the param group's parameters without a gradient this step too
     (the step leaves them as they are), with :math:`d` from their state's last update, or
@@ -391,7 +395,7 @@ def prox_adam(
     The state tensors must already exist (zeros and a 0-d ``step`` tensor on the first step).
     ``group_l1`` only steers the choice of implementation (a non-zero value keeps the default path
     off regoptim's fused kernels): the group prox needs every parameter of the param group, so
-    :class:`ProxAdam` applies it after this step (``regoptim.group_prox``).
+    :class:`ProxAdam` applies it after this step (``regoptim.regularizers.group_lasso``).
     """
     if not params:
         return

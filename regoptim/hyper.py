@@ -87,7 +87,7 @@ class AdamHyper:
 
 @dataclass(frozen=True)
 class GroupLasso:
-    """Group lasso over one param group (``regoptim.group_prox``): slice ``i`` of ``params[j]``
+    """Group lasso over one param group (``regoptim.regularizers.group_lasso``): slice ``i`` of ``params[j]``
     along ``axes[j]`` (normalised to ``>= 0``) belongs to group ``i``; the prox threshold is
     ``lr * group_l1`` in the metric of the family's step."""
 

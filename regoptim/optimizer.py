@@ -176,7 +176,7 @@ def predecay_(opt: Optimizer, group: dict[str, Any], params: list[Tensor]) -> fl
         return weight_decay
     found_inf = getattr(opt, "found_inf", None)
     if params and not (found_inf is not None and bool(found_inf.item())):
-        from regoptim._eager_prox import decay_
+        from regoptim.regularizers.weight_decay import decay_
 
         foreach = group["foreach"] is not False and not group["differentiable"]
         decay_(params, scaled, weight_decay, foreach=foreach)

@@ -31,8 +31,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from regoptim.regularizers.l1 import soft_threshold
+
 from .groups import param_groups
-from .prox import soft_threshold
 from .sgd import ProxSGD
 from .sparsity import SparsityReport, sparsity
 from .train import (

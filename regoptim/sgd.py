@@ -13,7 +13,6 @@ from regoptim import _plan
 from regoptim._fused import call_fused
 from regoptim._group_step import fused_group_sgd_step
 from regoptim._sgd_impl import IMPLS
-from regoptim.group_prox import apply_group_prox_, resolve_group_axes, validate_group_lasso
 from regoptim.hyper import SgdHyper
 from regoptim.optimizer import (
     ProxOptimizer,
@@ -25,6 +24,11 @@ from regoptim.optimizer import (
     validate_lr,
     validate_non_negative,
     validate_optional_flag,
+)
+from regoptim.regularizers.group_lasso import (
+    apply_group_prox_,
+    resolve_group_axes,
+    validate_group_lasso,
 )
 
 __all__ = ["ProxSGD", "prox_sgd"]
@@ -297,7 +301,7 @@ def prox_sgd(
     into the list, as in ``torch.optim.sgd.sgd``. ``group_l1`` only steers the choice of
     implementation (a non-zero value keeps the default path off regoptim's fused kernels): the
     group prox needs every parameter of the param group, with or without a gradient, so
-    :class:`ProxSGD` applies it after this step (``regoptim.group_prox``).
+    :class:`ProxSGD` applies it after this step (``regoptim.regularizers.group_lasso``).
     """
     if not params:
         return

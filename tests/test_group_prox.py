@@ -1,5 +1,5 @@
 """The group prox on its own: the float64 reference against a generic minimiser of the prox
-objective, and the eager forms (regoptim.group_prox) against the reference per dtype."""
+objective, and the eager forms (regoptim.regularizers.group_lasso) against the reference per dtype."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from scipy.optimize import minimize
 from tolerances import assert_close_to_ref
 
-from regoptim import group_prox
-from regoptim.prox import soft_threshold
 from regoptim.reference import group_prox_ref
+from regoptim.regularizers import group_lasso as group_prox
+from regoptim.regularizers.l1 import soft_threshold
 
 
 def _objective(x, y, d, lr, lam, l1):

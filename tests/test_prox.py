@@ -1,4 +1,4 @@
-"""Property tests of the proximal operators (regoptim.prox) and their reference."""
+"""Property tests of the proximal operators (regoptim.regularizers.l1) and their reference."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from regoptim.prox import soft_threshold, soft_threshold_
 from regoptim.reference import soft_threshold_ref
+from regoptim.regularizers.l1 import soft_threshold, soft_threshold_
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64, min_value=-1e6, max_value=1e6)
 thresholds = st.floats(min_value=0.0, max_value=1e3, allow_nan=False, width=64)

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from regoptim._eager_prox import _bias_correction2_sqrt
 from regoptim.optimizer import on_device, validate_non_negative
+from regoptim.regularizers.metric import bias_correction2_sqrt
 
 __all__ = ["group_prox_diag_", "group_soft_threshold_", "resolve_group_axes"]
 
@@ -266,7 +266,7 @@ def adam_denominators(
     initial ``v = 0``)."""
     with_state = [i for i, p in enumerate(params) if "step" in state.get(p, {})]
     steps = [state[params[i]]["step"] for i in with_state]
-    bc2 = dict(zip(with_state, _bias_correction2_sqrt(beta2, steps, on_device_step), strict=True))
+    bc2 = dict(zip(with_state, bias_correction2_sqrt(beta2, steps, on_device_step), strict=True))
     out = []
     for i, p in enumerate(params):
         if i not in bc2:

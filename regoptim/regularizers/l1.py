@@ -1,9 +1,29 @@
-"""The regularizers' passes on the eager (torch) paths: decoupled decay and the L1 prox.
+r"""L1: the proximal operator of :math:`t\,\|x\|_1` and its eager passes.
 
-torch.optim's own functional SGD/Adam do the optimizer's update; these passes add what it lacks,
-before it (decoupled decay) or after it (the prox). Each mirrors :mod:`regoptim.prox` and the fused
-kernels. With ``differentiable=True`` they run out of place so autograd can follow them; with
-``on_device_step`` (capturable) they never read a tensor on the host.
+The regularizer's forms, found together:
+
+* math: step 5 of :class:`regoptim.ProxSGD` and of :class:`regoptim.ProxAdam` (in Adam's metric);
+* float64 reference: :func:`regoptim.reference.soft_threshold_ref` (in ``sgd_step``/``adam_step``);
+* pure operators and eager torch passes: here;
+* C++: ``soft_threshold`` in ``regoptim/csrc/fused_cpu.cpp``; Triton: ``soft_threshold`` and
+  ``complex_shrink`` in ``kernels/_jit.py``.
+
+Soft-thresholding is the proximal operator of :math:`t\,\|x\|_1`:
+
+.. math::
+    \operatorname{prox}_{t\|\cdot\|_1}(x) = \operatorname{sign}(x)\,\max(|x| - t,\ 0)
+
+For complex ``x`` the penalty is :math:`t \sum_i |x_i|` on the modulus, whose prox keeps the phase
+and shrinks the modulus: :math:`x \max(1 - t / |x|,\ 0)` (and 0 at ``x = 0``).
+
+The real case is computed as ``x - clamp(x, -t, t)``, which is exactly
+``sign(x) * max(|x| - t, 0)`` in floating point: where ``|x| <= t`` it is ``x - x = 0`` (an exact
+zero), elsewhere it is the single rounding of ``x -/+ t``, and rounding is monotonic so the sign can
+never flip. NaN propagates (a NaN parameter stays NaN instead of being silently zeroed).
+
+The passes (:func:`prox_l1_`, :func:`adam_prox_l1_`) follow torch.optim's own functional SGD/Adam
+on the eager paths. With ``differentiable=True`` they run out of place so autograd can follow
+them; with ``on_device_step`` (capturable) they never read a tensor on the host.
 """
 
 from __future__ import annotations
@@ -17,20 +37,55 @@ import torch
 from torch import Tensor
 
 from regoptim.optimizer import group_tensors, on_device
-from regoptim.prox import soft_threshold, soft_threshold_
+from regoptim.regularizers.metric import bias_correction2_sqrt
 
-__all__ = ["adam_prox_l1_", "decay_", "prox_l1_"]
+__all__ = ["adam_prox_l1_", "prox_l1_", "soft_threshold", "soft_threshold_"]
 
 
-def decay_(params: list[Tensor], lr: float | Tensor, weight_decay: float, *, foreach: bool) -> None:
-    """``p <- p * (1 - lr * weight_decay)`` (decoupled decay)."""
-    factor = 1 - lr * weight_decay
-    if foreach:
-        for (device, _), ((dps,), _) in group_tensors([params]):
-            torch._foreach_mul_(dps, on_device(factor, device))  # type: ignore[arg-type]
-    else:
-        for p in params:
-            p.mul_(factor)
+def _check_threshold(threshold: float | Tensor) -> None:
+    if isinstance(threshold, Tensor):
+        if threshold.is_complex():
+            raise TypeError("soft_threshold: threshold must be real, got a complex tensor")
+    elif not threshold >= 0.0:  # also rejects NaN
+        raise ValueError(f"soft_threshold: threshold must be >= 0, got {threshold}")
+
+
+def soft_threshold(x: Tensor, threshold: float | Tensor) -> Tensor:
+    """Return ``sign(x) * max(|x| - threshold, 0)`` (modulus shrink for complex ``x``).
+
+    Args:
+        x: input tensor (real or complex).
+        threshold: non-negative scalar, or a real tensor broadcastable to ``x`` (a per-element
+            threshold, as ProxAdam uses).
+    """
+    _check_threshold(threshold)
+    if x.is_complex():
+        return _complex_shrink(x, threshold)
+    if isinstance(threshold, Tensor):
+        return x - torch.clamp(x, -threshold, threshold)
+    if threshold == 0.0:
+        return x.clone()
+    return x - x.clamp(-threshold, threshold)
+
+
+def soft_threshold_(x: Tensor, threshold: float | Tensor) -> Tensor:
+    """In-place :func:`soft_threshold`; returns ``x``."""
+    _check_threshold(threshold)
+    if x.is_complex():
+        return x.copy_(_complex_shrink(x, threshold))
+    if isinstance(threshold, Tensor):
+        return x.sub_(torch.clamp(x, -threshold, threshold))
+    if threshold == 0.0:
+        return x
+    return x.sub_(x.clamp(-threshold, threshold))
+
+
+def _complex_shrink(x: Tensor, threshold: float | Tensor) -> Tensor:
+    mod = x.abs()
+    # `mod <= t` is False for NaN, so a NaN entry stays NaN; where `mod > t`, mod > 0 and the
+    # division is safe.
+    shrunk = x * (1 - threshold / mod)
+    return torch.where(mod <= threshold, torch.zeros((), dtype=x.dtype, device=x.device), shrunk)
 
 
 def prox_l1_(
@@ -59,7 +114,7 @@ def prox_l1_(
                 for p in dps:
                     _softshrink(p, threshold, out=p)  # type: ignore[misc]
                 continue
-            # p - clamp(p, -t, t): soft-thresholding with exact zeros (see regoptim.prox)
+            # p - clamp(p, -t, t): soft-thresholding with exact zeros (see soft_threshold)
             clamped = torch._foreach_clamp_min(dps, -threshold)  # type: ignore[arg-type]
             torch._foreach_clamp_max_(clamped, threshold)
             torch._foreach_sub_(dps, clamped)  # type: ignore[arg-type]
@@ -115,7 +170,7 @@ def adam_prox_l1_(
     the step's device, never read on the host. ``differentiable``: out of place, so autograd can
     follow it.
     """
-    bc2_sqrt = _bias_correction2_sqrt(beta2, state_steps, on_device_step)
+    bc2_sqrt = bias_correction2_sqrt(beta2, state_steps, on_device_step)
     if differentiable:
         for i, p in enumerate(params):
             v = second_moments[i]
@@ -153,19 +208,6 @@ def adam_prox_l1_(
             d = (v.sqrt() / bc2_sqrt[i]).add_(eps)
         threshold = d.reciprocal_().mul_(on_device(lr, p.device) * l1)
         soft_threshold_(p, threshold)
-
-
-def _bias_correction2_sqrt(
-    beta2: float | Tensor, state_steps: list[Tensor], on_device_step: bool
-) -> list[Any]:
-    """``sqrt(1 - beta2^t)`` per parameter: a float, or a 0-d tensor that is never read on the host
-    (capturable, differentiable, and under torch.compile, where ``.item()`` breaks the graph)."""
-    if torch.compiler.is_compiling():
-        # the step tensor in float64, as float(s) is in eager
-        return [(1 - beta2 ** s.double()) ** 0.5 for s in state_steps]
-    if on_device_step:
-        return [(1 - beta2**s).sqrt() for s in state_steps]
-    return [float((1 - beta2 ** float(s)) ** 0.5) for s in state_steps]
 
 
 # Elements per block of the CPU prox pass: p, v and two temporaries of this size (4 MiB in float32)
