@@ -25,8 +25,9 @@ from torch import Tensor
 
 from regoptim._fused import fused_backend, fused_unavailable_reason
 from regoptim.hyper import AdamHyper, GroupLasso, SgdHyper
-from regoptim.optimizer import predecay_, resolve_impl
+from regoptim.optimizer import resolve_impl
 from regoptim.regularizers.group_lasso import resolve_group_axes
+from regoptim.regularizers.weight_decay import predecay_
 
 __all__ = ["fused_group_adam_step", "fused_group_sgd_step"]
 

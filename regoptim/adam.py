@@ -17,10 +17,8 @@ from regoptim.optimizer import (
     Impl,
     ProxOptimizer,
     check_fused_params,
-    predecay_,
     resolve_impl,
     validate_betas,
-    validate_decay_scaling,
     validate_flag,
     validate_lr,
     validate_non_negative,
@@ -31,6 +29,7 @@ from regoptim.regularizers.group_lasso import (
     resolve_group_axes,
     validate_group_lasso,
 )
+from regoptim.regularizers.weight_decay import predecay_, validate_decay_scaling
 
 __all__ = ["ProxAdam", "prox_adam"]
 

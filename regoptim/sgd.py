@@ -17,9 +17,7 @@ from regoptim.hyper import SgdHyper
 from regoptim.optimizer import (
     ProxOptimizer,
     check_fused_params,
-    predecay_,
     resolve_impl,
-    validate_decay_scaling,
     validate_flag,
     validate_lr,
     validate_non_negative,
@@ -30,6 +28,7 @@ from regoptim.regularizers.group_lasso import (
     resolve_group_axes,
     validate_group_lasso,
 )
+from regoptim.regularizers.weight_decay import predecay_, validate_decay_scaling
 
 __all__ = ["ProxSGD", "prox_sgd"]
 
