@@ -225,6 +225,8 @@ def test_unregularized_groups_may_hold_scalars():
 
 
 def test_default_path_keeps_off_the_fused_kernels(monkeypatch):
+    """A group that the fused group step does not serve (here: a parameter without a gradient)
+    takes torch's paths and the eager group prox, never regoptim's plain fused kernel."""
     p, g = torch.zeros(6, 4), torch.zeros(6, 4)
     picked = resolve_impl([p], [g], foreach=None, fused=None, fused_ok=False)
     assert picked == "torch_fused"  # torch's fused CPU kernel, then the regularizers' passes
@@ -233,12 +235,13 @@ def test_default_path_keeps_off_the_fused_kernels(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("regoptim's fused kernel ran for a group with group_l1")
 
-    monkeypatch.setattr(regoptim.sgd, "_fused_prox_sgd", refuse)
-    monkeypatch.setitem(regoptim.adam._IMPLS, "fused", refuse)
+    monkeypatch.setitem(regoptim._sgd_impl.IMPLS, "fused", refuse)
+    monkeypatch.setitem(regoptim._adam_impl.IMPLS, "fused", refuse)
     for cls in (regoptim.ProxSGD, regoptim.ProxAdam):
         w = torch.randn(6, 4, requires_grad=True)
+        b = torch.randn(6, requires_grad=True)  # no gradient: part of the norms, not stepped
         w.grad = torch.randn(6, 4)
-        cls([w], lr=0.1, group_l1=1e-2).step()
+        cls([w, b], lr=0.1, group_l1=1e-2).step()
 
 
 @pytest.mark.parametrize(("cls", "group_l1"), [(regoptim.ProxSGD, 1.0), (regoptim.ProxAdam, 0.05)])
