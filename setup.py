@@ -1,9 +1,9 @@
 """Install-time build of regoptim's fused CPU kernel (everything else is in pyproject.toml).
 
-``regoptim/csrc/fused_cpu.cpp`` is a plain C ABI library loaded with ctypes (no torch headers,
+``regoptim/backends/cpu/csrc/fused_cpu.cpp`` is a plain C ABI library loaded with ctypes (no torch headers,
 no Python API). It is compiled here once per instruction-set variant of the target architecture
 (x86-64: AVX-512, AVX2, baseline; AArch64: baseline), with the flags in
-``regoptim/csrc/build_flags.json``; at run time regoptim loads the variant that matches the CPU
+``regoptim/backends/cpu/csrc/build_flags.json``; at run time regoptim loads the variant that matches the CPU
 capability torch reports, so one install runs on any CPU of the architecture. A variant that
 fails to build (no compiler, an old one) is skipped with a warning: the default CPU path then
 stays eager torch, and ``fused=True`` compiles the kernel at first use instead.
@@ -22,9 +22,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
-SOURCE = Path("regoptim") / "csrc" / "fused_cpu.cpp"
-FLAGS = json.loads((HERE / "regoptim" / "csrc" / "build_flags.json").read_text())
-# as regoptim._capability.arch (not importable here: pip builds without torch installed)
+CSRC = Path("regoptim") / "backends" / "cpu" / "csrc"
+SOURCE = CSRC / "fused_cpu.cpp"
+FLAGS = json.loads((HERE / CSRC / "build_flags.json").read_text())
+# as regoptim.backends.cpu.capability.arch (not importable here: pip builds without torch installed)
 ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}.get(
     platform.machine().lower()
 )
@@ -67,7 +68,9 @@ def _variants() -> list[Extension]:
     if os.environ.get("REGOPTIM_NO_PREBUILT") == "1" or ARCH is None:
         return []
     return [
-        Extension(f"regoptim._fused_cpu_{name}", [str(SOURCE)], extra_compile_args=flags)
+        Extension(
+            f"regoptim.backends.cpu._fused_cpu_{name}", [str(SOURCE)], extra_compile_args=flags
+        )
         for name, flags in FLAGS["variants"][ARCH].items()
     ]
 

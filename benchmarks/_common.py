@@ -71,7 +71,7 @@ def _prox_adamw(params: list[Tensor], l1: float, **kw: Any) -> Optimizer:
 
 
 def _regoptim_fused_unavailable(device: torch.device) -> str | None:
-    from regoptim._fused import fused_unavailable_reason
+    from regoptim.backends.dispatch import fused_unavailable_reason
 
     return fused_unavailable_reason(device.type)
 

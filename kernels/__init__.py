@@ -57,7 +57,7 @@ def fused_prox_sgd_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """One ProxSGD step for tensors of one device and dtype (see ``regoptim._fused``)."""
+    """One ProxSGD step for tensors of one device and dtype (see ``regoptim.backends.dispatch``)."""
     from ._sgd import fused_prox_sgd_ as impl
 
     impl(
@@ -83,7 +83,7 @@ def fused_prox_adam_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """One ProxAdam/ProxAdamW step for tensors of one device and dtype (see ``regoptim._fused``)."""
+    """One ProxAdam/ProxAdamW step for tensors of one device and dtype (see ``regoptim.backends.dispatch``)."""
     from ._adam import fused_prox_adam_ as impl
 
     impl(

@@ -292,7 +292,7 @@ def fused_prox_adam_(
 ) -> None:
     """One ProxAdam/ProxAdamW step for tensors of one device and dtype, in at most two launches.
 
-    See ``regoptim._fused.fused_prox_adam_`` for the contract. Runs as the custom op
+    See ``regoptim.backends.dispatch.fused_prox_adam_`` for the contract. Runs as the custom op
     ``torch.ops.regoptim.fused_prox_adam_`` so ``torch.compile`` can trace a step that calls it.
     """
     if not params:

@@ -15,7 +15,7 @@ Both are built on the host once and cached (small LRU) on the tuple of pointers/
 whose tensors did not move costs no host work beyond building that key, and no host sync. Before
 that, :func:`check_lists` checks every grad and state against its param (device, dtype, shape),
 again only when the key of pointers, sizes, strides, dtypes and conj/neg bits
-(:mod:`regoptim._guard`) differs from one that passed.
+(:mod:`regoptim.backends.guard`) differs from one that passed.
 
 Tensors the kernels cannot address as one flat run of elements sharing a layout with the others at
 the same index (non-contiguous params, a grad with other strides, conj/neg views) go through
@@ -33,7 +33,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from regoptim._guard import check_cached
+from regoptim.backends.guard import check_cached
 
 __all__ = [
     "BLOCK",
@@ -306,6 +306,6 @@ def check_lists(
     """Every list (named by its role) as long as ``params``, every tensor on the params' device
     with their dtype and its own param's shape, ``steps`` float32 counters >= 0; an error names
     the parameter index and what is wrong. Skipped while the tensors' key (pointers, sizes,
-    strides, dtypes, conj/neg bits) is one that passed (:func:`regoptim._guard.check_cached`)."""
+    strides, dtypes, conj/neg bits) is one that passed (:func:`regoptim.backends.guard.check_cached`)."""
     named = {"param": params, **{k: v for k, v in lists.items() if v is not None}}
     check_cached(where, list(named), list(named.values()), params[0].device, steps)

@@ -236,7 +236,7 @@ def fused_prox_sgd_(
 ) -> None:
     """One ProxSGD step for tensors of one device and dtype, in at most two launches.
 
-    See ``regoptim._fused.fused_prox_sgd_`` for the contract. Runs as the custom op
+    See ``regoptim.backends.dispatch.fused_prox_sgd_`` for the contract. Runs as the custom op
     ``torch.ops.regoptim.fused_prox_sgd_`` so ``torch.compile`` can trace a step that calls it.
     """
     if not params:

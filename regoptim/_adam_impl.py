@@ -4,7 +4,7 @@
 hyper, *, has_complex)``: torch's for-loop and foreach Adam plus regoptim's prox pass (``loop``,
 ``foreach``, which also take ``capturable`` and ``differentiable``), torch's fused CPU kernel plus
 the pass (``torch_fused``), and regoptim's fused kernels (``fused``: Triton on CUDA, C++ on CPU,
-through ``regoptim._fused``), as torch.optim.adam's ``_single_tensor_adam`` /
+through ``regoptim.backends.dispatch``), as torch.optim.adam's ``_single_tensor_adam`` /
 ``_multi_tensor_adam`` / ``_fused_adam``. ``hyper`` is the step's
 :class:`~regoptim.hyper.AdamHyper`.
 """
@@ -19,8 +19,8 @@ import torch
 import torch.optim.adam as _torch_adam
 from torch import Tensor
 
-from regoptim._fused import call_fused
-from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
+from regoptim.backends.dispatch import call_fused
+from regoptim.backends.guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.hyper import AdamHyper
 from regoptim.optimizer import Impl, group_tensors, on_device, unscale_or_skip
 from regoptim.regularizers.l1 import adam_prox_l1_
@@ -102,7 +102,7 @@ def _fused_prox_adam(
     *,
     has_complex: bool,
 ) -> None:
-    from regoptim._fused import fused_prox_adam_
+    from regoptim.backends.dispatch import fused_prox_adam_
 
     amsgrad = hyper.amsgrad
     all_params = params

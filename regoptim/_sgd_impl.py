@@ -3,7 +3,7 @@
 ``(params, grads, momentum_buffer_list, grad_scale, found_inf, hyper, *, has_sparse_grad)``:
 torch's for-loop and foreach SGD plus regoptim's passes (``loop``, ``foreach``), torch's fused CPU
 kernel plus the passes (``torch_fused``), and regoptim's fused kernels (``fused``: Triton on CUDA,
-C++ on CPU, through ``regoptim._fused``), as torch.optim.sgd's ``_single_tensor_sgd`` /
+C++ on CPU, through ``regoptim.backends.dispatch``), as torch.optim.sgd's ``_single_tensor_sgd`` /
 ``_multi_tensor_sgd`` / ``_fused_sgd``. ``hyper`` is the step's :class:`~regoptim.hyper.SgdHyper`.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.optim.sgd as _torch_sgd
 from torch import Tensor
 
-from regoptim._guard import eager_context, eager_indices, renumbered, torch_fused_split
+from regoptim.backends.guard import eager_context, eager_indices, renumbered, torch_fused_split
 from regoptim.hyper import SgdHyper
 from regoptim.optimizer import Impl, group_tensors, on_device, unscale_or_skip
 from regoptim.regularizers.l1 import prox_l1_
@@ -125,7 +125,7 @@ def _fused_prox_sgd(
     *,
     has_sparse_grad: bool,
 ) -> None:
-    from regoptim._fused import fused_prox_sgd_
+    from regoptim.backends.dispatch import fused_prox_sgd_
 
     if has_sparse_grad:  # pragma: no cover - resolve_impl routes sparse gradients away
         raise RuntimeError("regoptim's fused kernels do not take sparse gradients")

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from regoptim import _plan
 from regoptim._adam_impl import run
-from regoptim._group_step import fused_group_adam_step
+from regoptim.backends.cpu import plan as _plan
+from regoptim.backends.group_step import fused_group_adam_step
 from regoptim.hyper import AdamHyper
 from regoptim.optimizer import (
     Impl,
@@ -308,7 +308,7 @@ class ProxAdam(ProxOptimizer):
         return self._step_groups(closure, self._step_group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        if _plan.adam_step(self, group):  # the cached C++ CPU path (regoptim/_plan.py)
+        if _plan.adam_step(self, group):  # the cached C++ CPU path (regoptim/backends/cpu/plan.py)
             return
         self._dispatch_group(group)
         _plan.build(self, group, "adam")

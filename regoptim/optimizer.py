@@ -139,7 +139,7 @@ def validate_optional_flag(value: Any, name: str) -> None:
 
 
 def _triton_fused_default_ok(params: list[Tensor]) -> bool:
-    from regoptim._fused import fused_unavailable_reason
+    from regoptim.backends.dispatch import fused_unavailable_reason
 
     return fused_unavailable_reason("cuda") is None
 
@@ -238,7 +238,7 @@ def _torch_default(params: list[Tensor]) -> Impl:
 def _cpu_kernel_installed() -> bool:
     """Whether the fused CPU kernel was built at install time for this CPU (checked once; warns
     once when it was not, since the default CPU path is then the slower eager one)."""
-    from regoptim._cpu_build import prebuilt_path
+    from regoptim.backends.cpu.build import prebuilt_path
 
     if prebuilt_path() is not None:
         return True
@@ -361,7 +361,7 @@ def check_fused_params(params: list[Tensor]) -> None:
     """
     if torch.compiler.is_compiling():
         return
-    from regoptim._fused import fused_unavailable_reason
+    from regoptim.backends.dispatch import fused_unavailable_reason
 
     device_types = set()
     for p in params:

@@ -9,10 +9,10 @@ from typing import Any
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from regoptim import _plan
-from regoptim._fused import call_fused
-from regoptim._group_step import fused_group_sgd_step
 from regoptim._sgd_impl import IMPLS
+from regoptim.backends.cpu import plan as _plan
+from regoptim.backends.dispatch import call_fused
+from regoptim.backends.group_step import fused_group_sgd_step
 from regoptim.hyper import SgdHyper
 from regoptim.optimizer import (
     ProxOptimizer,
@@ -237,7 +237,7 @@ class ProxSGD(ProxOptimizer):
         return self._step_groups(closure, self._step_group)
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        if _plan.sgd_step(self, group):  # the cached C++ CPU path (regoptim/_plan.py)
+        if _plan.sgd_step(self, group):  # the cached C++ CPU path (regoptim/backends/cpu/plan.py)
             return
         self._dispatch_group(group)
         _plan.build(self, group, "sgd")

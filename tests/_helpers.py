@@ -53,8 +53,8 @@ def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
 def assert_torch_fused_parity(a: torch.Tensor, b: torch.Tensor) -> None:
     """``a`` (regoptim's fused CPU kernel) against ``b`` (torch's fused CPU kernel): bitwise on
     the capabilities where regoptim verifies its mirroring of torch's rounding, else within one
-    ulp (see ``regoptim._capability``)."""
-    from regoptim._capability import torch_kernel_numerics
+    ulp (see ``regoptim.backends.cpu.capability``)."""
+    from regoptim.backends.cpu.capability import torch_kernel_numerics
 
     if torch_kernel_numerics().verified or not a.is_floating_point():
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

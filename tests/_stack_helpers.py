@@ -30,7 +30,7 @@ COUNTERPART: dict[type, type] = {
 def fused_skip_reason(backend: str) -> str | None:
     """Why ``fused=True`` cannot run on CPU with ``backend`` ("cpu": the C++ kernel, "triton":
     the Triton kernels in Triton's interpreter), or None."""
-    from regoptim._fused import fused_unavailable_reason
+    from regoptim.backends.dispatch import fused_unavailable_reason
 
     with fused_backend_env(backend):
         return fused_unavailable_reason("cpu")
@@ -209,11 +209,11 @@ def run_distributed(fn: Callable[..., None], *args: Any, tmp_path: Any) -> None:
 
 def skip_unless_torch_parity_verified() -> None:
     """Skip a multi-step bitwise comparison of regoptim's fused C++ kernel with torch's fused CPU
-    kernels where regoptim promises one ulp per step, not bitwise (see regoptim._capability);
+    kernels where regoptim promises one ulp per step, not bitwise (see regoptim.backends.cpu.capability);
     test_cpu_fused.py tests that bound step by step there."""
     import platform
 
-    from regoptim._capability import torch_kernel_numerics
+    from regoptim.backends.cpu.capability import torch_kernel_numerics
 
     numerics = torch_kernel_numerics()
     if not numerics.verified:

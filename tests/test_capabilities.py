@@ -2,7 +2,7 @@
 
 torch picks its CPU kernels by capability (DEFAULT / AVX2 / AVX512 on x86-64) and honours
 ``ATEN_CPU_CAPABILITY``; regoptim's fused C++ kernel mirrors the rounding of the build torch
-dispatches to (``regoptim._capability``). The parity tests of test_cpu_fused.py run in this
+dispatches to (``regoptim.backends.cpu.capability``). The parity tests of test_cpu_fused.py run in this
 process under one capability; here they run again in subprocesses under each capability the CPU
 supports (a capability the CPU lacks silently falls back to a lower one, so it is detected and
 reported, not run twice).
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from regoptim import _cpu_fused as cf
-from regoptim._capability import numerics_for, torch_kernel_numerics
+from regoptim.backends.cpu import kernel as cf
+from regoptim.backends.cpu.capability import numerics_for, torch_kernel_numerics
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADERS = Path(torch.__file__).parent / "include" / "ATen"

@@ -1,4 +1,4 @@
-"""Building, caching and loading the fused CPU kernel (regoptim._cpu_build): what is loaded is
+"""Building, caching and loading the fused CPU kernel (regoptim.backends.cpu.build): what is loaded is
 only what this user built (never a file another user could have planted), a damaged cache entry
 is rebuilt, a cached build needs no compiler, a hung compiler times out.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from regoptim import _cpu_build as cb
-from regoptim._private_files import is_private_dir
+from regoptim.backends.cpu import build as cb
+from regoptim.backends.cpu.private_files import is_private_dir
 
 REAL_CXX = cb._compiler()
 needs_cxx = pytest.mark.skipif(REAL_CXX is None, reason="needs a C++ compiler")
@@ -32,7 +32,7 @@ posix_only = pytest.mark.skipif(os.name != "posix", reason="uid and mode bits")
 _CHILD = """
 import os, torch
 os.umask(0o002)  # common for users with their own group: the linker's output is then 0775
-from regoptim import _cpu_fused as cf
+from regoptim.backends.cpu import kernel as cf
 print(cf.available())
 p = [torch.randn(100)]
 from regoptim.hyper import SgdHyper

@@ -1,4 +1,4 @@
-"""The fused C++ CPU kernel (regoptim._cpu_fused): float64 reference, torch bitwise, AMP protocol,
+"""The fused C++ CPU kernel (regoptim.backends.cpu.kernel): float64 reference, torch bitwise, AMP protocol,
 build cache, layouts.
 
 Every comparison with the reference reads its tolerance from ``tests/tolerances.py``.
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from regoptim import _cpu_build as cb
-from regoptim import _cpu_fused as cf
 from regoptim import reference as ref
+from regoptim.backends.cpu import build as cb
+from regoptim.backends.cpu import kernel as cf
 from tests._helpers import adam_backend_step, assert_torch_fused_parity, sgd_backend_step
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -253,7 +253,7 @@ def test_many_tiny_tensors_and_thread_split():
 # bitwise equal to torch's fused CPU kernels where the math is the same, on the capability torch
 # dispatches to (tests/test_capabilities.py reruns these under every capability the CPU has).
 # Compared after every step, then re-synced, so that on a capability where regoptim promises only
-# one ulp (see regoptim._capability) the bound is per step.
+# one ulp (see regoptim.backends.cpu.capability) the bound is per step.
 
 _PARITY_SIZES = [1, 7, 15, 33, 1023, 4097, 70_001]  # tails of 8- and 16-lane vectors differ
 
@@ -407,7 +407,7 @@ def test_no_rebuild_over_100_steps_under_a_scheduler(monkeypatch):
 _CHILD = """
 import time, torch
 t0 = time.perf_counter()
-from regoptim import _cpu_fused as cf
+from regoptim.backends.cpu import kernel as cf
 p = [torch.randn(100)]
 from regoptim.hyper import SgdHyper
 cf.fused_prox_sgd_(p, [torch.randn(100)], None, SgdHyper(lr=0.1, l1=0.1),

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import regoptim
-from regoptim import _cpu_build
 from regoptim import reference as ref
+from regoptim.backends.cpu import build as _cpu_build
 from regoptim.optimizer import resolve_impl
 from tests.tolerances import assert_close_to_ref
 
@@ -48,7 +48,7 @@ def test_install_built_the_variant_for_this_cpu() -> None:
 @installed
 def test_first_default_step_compiles_nothing() -> None:
     code = (
-        "import time, torch, regoptim, regoptim._cpu_build as b\n"
+        "import time, torch, regoptim, regoptim.backends.cpu.build as b\n"
         "m = torch.nn.Linear(64, 64)\n"
         "opt = regoptim.ProxSGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, l1=1e-4)\n"
         "m(torch.randn(8, 64)).sum().backward()\n"
@@ -62,7 +62,7 @@ def test_first_default_step_compiles_nothing() -> None:
 
 @installed
 def test_variant_follows_torchs_capability() -> None:
-    code = "import regoptim._cpu_build as b; print(b.prebuilt_variant())"
+    code = "import regoptim.backends.cpu.build as b; print(b.prebuilt_variant())"
     assert _run(code, ATEN_CPU_CAPABILITY="default").split()[-1] == "baseline"
 
 

@@ -212,7 +212,7 @@ def test_tensor_lr_is_read_each_step():
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
 def test_fused_true_routes_unsupported_dtypes_to_the_torch_path(info, backend, monkeypatch):
     """float64 (and, for Adam, complex) tensors in a fused=True group still get the exact step."""
-    from regoptim._fused import fused_unavailable_reason
+    from regoptim.backends.dispatch import fused_unavailable_reason
 
     monkeypatch.setenv("TRITON_INTERPRET", "1" if backend == "triton" else "0")
     reason = fused_unavailable_reason("cpu")

@@ -12,7 +12,7 @@ from registry import ADAM, ADAMW, SGD
 from tolerances import assert_close_to_ref
 
 import regoptim
-import regoptim._fused
+import regoptim.backends.dispatch
 from regoptim import reference
 from regoptim.optimizer import resolve_impl
 
@@ -79,7 +79,9 @@ def test_step_matches_reference(info, config, dtype, impl, monkeypatch):
             pytest.skip("float64 takes the eager path under fused=True")
         monkeypatch.setenv("TRITON_INTERPRET", "1" if impl == "fused-triton" else "0")
         monkeypatch.setattr(
-            regoptim._fused, "fused_backend", _recording(regoptim._fused.fused_backend, backends)
+            regoptim.backends.dispatch,
+            "fused_backend",
+            _recording(regoptim.backends.dispatch.fused_backend, backends),
         )
     params = _params(dtype)
     group_l1 = 1.5 if info is SGD else 0.7

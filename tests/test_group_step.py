@@ -1,4 +1,4 @@
-"""Which group-lasso steps take the fused group step (regoptim._group_step), with what.
+"""Which group-lasso steps take the fused group step (regoptim.backends.group_step), with what.
 
 The backends themselves are tested against the reference in test_cpu_group.py (C++) and
 test_triton_group.py (Triton), and end to end in test_group_lasso.py; here a recording backend
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import regoptim
-from regoptim import _group_step
+from regoptim.backends import group_step as _group_step
 from regoptim.hyper import AdamHyper, GroupLasso, SgdHyper
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from tolerances import TOL
 
 from regoptim import ProxSGD
-from regoptim import _cpu_fused as cf
+from regoptim.backends.cpu import kernel as cf
 
 WORKER = Path(__file__).with_name("_memory_safety_worker.py")
 PATHS = ["loop", "foreach", "default", "fused_cpp", "fused_triton"]

@@ -1,4 +1,4 @@
-"""The cached per-group plan of the C++ CPU kernel (regoptim/_plan.py): used in the steady state,
+"""The cached per-group plan of the C++ CPU kernel (regoptim/backends/cpu/plan.py): used in the steady state,
 and dropped, never trusted, when anything it depends on changes. Each case compares an optimizer
 with its twin that takes the full dispatch every step (same arguments, so the same kernel), bit
 for bit, so a stale plan (a wrong pointer, a stale hyperparameter) shows."""
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import regoptim
-from regoptim import _cpu_build, _plan
+from regoptim.backends.cpu import build as _cpu_build
+from regoptim.backends.cpu import plan as _plan
 from tests.tolerances import TOL
 
 pytestmark = pytest.mark.skipif(

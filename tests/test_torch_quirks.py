@@ -23,7 +23,7 @@ def test_torch_fused_cpu_sgd_is_wrong_for_low_precision(dtype):
 
 
 def test_regoptim_default_avoids_torch_fused_for_low_precision():
-    from regoptim._cpu_build import prebuilt_path
+    from regoptim.backends.cpu.build import prebuilt_path
     from regoptim.optimizer import resolve_impl
 
     # float32 takes regoptim's own kernel where the install built it (test_default_cpu_path.py)

@@ -5,7 +5,7 @@ The regularizer's forms, found together:
 * math: step 5 of :class:`regoptim.ProxSGD` and of :class:`regoptim.ProxAdam` (in Adam's metric);
 * float64 reference: :func:`regoptim.reference.soft_threshold_ref` (in ``sgd_step``/``adam_step``);
 * pure operators and eager torch passes: here;
-* C++: ``soft_threshold`` in ``regoptim/csrc/fused_cpu.cpp``; Triton: ``soft_threshold`` and
+* C++: ``soft_threshold`` in ``regoptim/backends/cpu/csrc/fused_cpu.cpp``; Triton: ``soft_threshold`` and
   ``complex_shrink`` in ``kernels/_jit.py``.
 
 Soft-thresholding is the proximal operator of :math:`t\,\|x\|_1`:

@@ -13,7 +13,7 @@ everything the plan depends on is as it was:
 * every param, grad and state tensor's dtype, device, sizes, strides, type and conj/neg bits
   (one C++ call, :class:`_MetaGuard`) and data pointer: a grad that moved (fresh every step) is
   re-pointed, its metadata being that of the grad the table was checked with; anything else falls
-  back to the full dispatch, which checks (:mod:`regoptim._guard`) and rebuilds;
+  back to the full dispatch, which checks (:mod:`regoptim.backends.guard`) and rebuilds;
 * no GradScaler hand-off (``grad_scale`` / ``found_inf``), no tracing.
 
 Values a schedule changes (lr, momentum, weight decay, l1, betas, eps) are read from the group
@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from regoptim import _cpu_fused
-from regoptim._fused import fused_backend
-from regoptim._guard import role_key
+from regoptim.backends.cpu import kernel as _cpu_fused
+from regoptim.backends.dispatch import fused_backend
+from regoptim.backends.guard import role_key
 from regoptim.hyper import AdamHyper, SgdHyper
 from regoptim.optimizer import _cpu_kernel_installed, resolve_impl
 
@@ -95,7 +95,7 @@ class _MetaGuard:
 
 
 def _meta_key(tensors: list[Tensor]) -> tuple:
-    # regoptim._guard's role key without the pointers, plus the types and the device
+    # regoptim.backends.guard's role key without the pointers, plus the types and the device
     complex_group = any(t.is_complex() for t in tensors)
     return (
         role_key(tensors, complex_group)[1:],

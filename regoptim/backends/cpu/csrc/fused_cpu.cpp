@@ -1,7 +1,7 @@
 // regoptim fused CPU kernel: one pass over all tensors of a (dtype) group for ProxSGD and
 // ProxAdam(W), every regularizer included.
 //
-// No torch headers: this file is compiled at first use by regoptim/_cpu_fused.py (a few seconds)
+// No torch headers: this file is compiled at first use by regoptim/backends/cpu/kernel.py (a few seconds)
 // and cached on disk; the entry points take int64 tables of data pointers and numels for the
 // whole group, and every hyperparameter as a runtime scalar (a new lr, weight decay or l1 never
 // rebuilds anything).
@@ -14,7 +14,7 @@
 // regularizers torch also has (coupled L2, no L1) the float32 result is bitwise torch's. Which
 // build of torch's kernel runs depends on the CPU capability torch dispatches to: the caller
 // passes its vector width (tail_width) and, for a build without FMA (x86 DEFAULT), kNoFma, which
-// turns every explicit FMA into a*b + c with two roundings (regoptim/_capability.py). The file must be compiled with -ffp-contract=off (no implicit FMA) and
+// turns every explicit FMA into a*b + c with two roundings (regoptim/backends/cpu/capability.py). The file must be compiled with -ffp-contract=off (no implicit FMA) and
 // without -ffast-math; -fno-math-errno / -fno-trapping-math change no result.
 //
 // Work split: the elements of all tensors are laid end to end and cut into one contiguous range
@@ -135,7 +135,7 @@ struct F16 {
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Flags shared with regoptim/_cpu_fused.py (keep in sync).
+// Flags shared with regoptim/backends/cpu/kernel.py (keep in sync).
 
 enum : int {
   kMaximize = 1,

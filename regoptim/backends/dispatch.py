@@ -2,7 +2,7 @@
 
 * CUDA tensors, or CPU tensors while ``TRITON_INTERPRET=1``: the Triton kernels
   (``regoptim._kernels``).
-* CPU tensors otherwise: the fused CPU kernel (``regoptim._cpu_fused``).
+* CPU tensors otherwise: the fused CPU kernel (``regoptim.backends.cpu.kernel``).
 
 Both backends expose the same two functions with the signatures below, taking the family's
 hyperparameter record (``regoptim.hyper``); the optimizers call :func:`fused_prox_sgd_` /
@@ -83,7 +83,7 @@ def fused_unavailable_reason(device_type: str) -> str | None:
         return available()
     if backend == "cpu":
         try:
-            from regoptim._cpu_fused import available as cpu_available
+            from regoptim.backends.cpu.kernel import available as cpu_available
         except ImportError as exc:
             return f"fused=True on CPU needs the fused CPU kernel: {exc}"
         return cpu_available()
@@ -161,5 +161,5 @@ def _backend_module(device_type: str):  # noqa: ANN202 - returns a module
     if fused_backend(device_type) == "triton":
         import regoptim._kernels as mod
     else:
-        import regoptim._cpu_fused as mod
+        import regoptim.backends.cpu.kernel as mod
     return mod

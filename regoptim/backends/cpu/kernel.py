@@ -1,7 +1,7 @@
 """The fused CPU kernel behind ``fused=True`` on CPU tensors.
 
 One pass over every tensor of a (dtype) group per step, every regularizer included, written in a
-small C++ file (``regoptim/csrc/fused_cpu.cpp``, no torch headers) that is compiled at first use
+small C++ file (``regoptim/backends/cpu/csrc/fused_cpu.cpp``, no torch headers) that is compiled at first use
 with the system C++ compiler and loaded with :mod:`ctypes`:
 
 * build cost does not depend on the model: the entry points take tables of data pointers and
@@ -9,7 +9,7 @@ with the system C++ compiler and loaded with :mod:`ctypes`:
   runtime scalar, so a scheduler or a hand-edited ``param_group`` never triggers a rebuild;
 * the shared object is cached on disk, keyed by a hash of the source, its flags and the host CPU,
   in ``$REGOPTIM_CACHE_DIR`` (else ``$XDG_CACHE_HOME/regoptim``, else ``~/.cache/regoptim``); a
-  second process loads it in milliseconds, even without a compiler (:mod:`regoptim._cpu_build`:
+  second process loads it in milliseconds, even without a compiler (:mod:`regoptim.backends.cpu.build`:
   the fallback directories, the ownership and checksum checks made before loading, the timeout);
 * the work of all tensors is split evenly over ``torch.get_num_threads()`` OpenMP threads, so many
   small tensors cost no more than a few large ones.
@@ -17,7 +17,7 @@ with the system C++ compiler and loaded with :mod:`ctypes`:
 Float32, bfloat16 and float16 storage, float32 math. With the regularizers torch's fused kernels
 also have (coupled L2, no L1), float32 results are bitwise those of ``torch._fused_sgd_`` /
 ``torch._fused_adam_`` / ``torch._fused_adamw_`` on the CPU capability torch dispatches to
-(``regoptim._capability``: its vector width and whether its build has FMA). Like torch's fused
+(``regoptim.backends.cpu.capability``: its vector width and whether its build has FMA). Like torch's fused
 kernels, a ``grad_scale`` unscales the gradients in place.
 """
 
@@ -30,9 +30,9 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from regoptim._capability import torch_kernel_numerics
-from regoptim._cpu_build import available, build_count, build_info, load
-from regoptim._guard import RoleKey, group_key, like_params, validate, validate_steps
+from regoptim.backends.cpu.build import available, build_count, build_info, load
+from regoptim.backends.cpu.capability import torch_kernel_numerics
+from regoptim.backends.guard import RoleKey, group_key, like_params, validate, validate_steps
 from regoptim.hyper import AdamHyper, SgdHyper
 
 __all__ = [
@@ -65,7 +65,7 @@ _REAL_OF_COMPLEX = {torch.complex64: torch.float32}
 
 class _Table:
     """int64 table, one row per role: numels (real elements), then data pointers; ``key`` is the
-    :func:`regoptim._guard.group_key` of the tensors it was built and checked for."""
+    :func:`regoptim.backends.guard.group_key` of the tensors it was built and checked for."""
 
     __slots__ = ("key", "n", "rows", "tensor")
 
@@ -108,7 +108,7 @@ def _prepare(
     after the first ``n_shaped`` are Adam's step counters), checked before the kernel sees it.
 
     The table is cached per call site (``where``) and group, and reused while the
-    :func:`~regoptim._guard.group_key` of the tensors (pointers, sizes, strides, dtypes, conj/neg
+    :func:`~regoptim.backends.guard.group_key` of the tensors (pointers, sizes, strides, dtypes, conj/neg
     bits) is the one it was checked for; a role whose tensors moved (fresh grads) is re-pointed
     when it still matches the params. Anything else takes the full check, which raises naming
     the parameter index. Tensors that are not contiguous, or carry a conj/neg bit, get resolved
@@ -235,7 +235,7 @@ def fused_prox_sgd_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """One ProxSGD step over CPU tensors of one dtype (see :func:`regoptim._fused.fused_prox_sgd_`)."""
+    """One ProxSGD step over CPU tensors of one dtype (see :func:`regoptim.backends.dispatch.fused_prox_sgd_`)."""
     if not params:
         return
     dtype = _check(params, [grads, momentum_buffers])
@@ -281,7 +281,7 @@ def fused_prox_adam_(
     found_inf: Tensor | None,
 ) -> None:
     """One ProxAdam/ProxAdamW step over CPU tensors of one dtype (see
-    :func:`regoptim._fused.fused_prox_adam_`)."""
+    :func:`regoptim.backends.dispatch.fused_prox_adam_`)."""
     if not params:
         return
     dtype = _check(params, [grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps])
@@ -313,7 +313,7 @@ def fused_prox_adam_(
 
 
 # ---------------------------------------------------------------------------------------------
-# The kernel calls, on a checked table (also used by regoptim._plan's cached default path)
+# The kernel calls, on a checked table (also used by regoptim.backends.cpu.plan's cached default path)
 
 
 def run_sgd(

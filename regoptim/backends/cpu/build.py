@@ -1,7 +1,7 @@
-"""Build, cache and load the fused CPU kernel (``regoptim/csrc/fused_cpu.cpp``).
+"""Build, cache and load the fused CPU kernel (``regoptim/backends/cpu/csrc/fused_cpu.cpp``).
 
 Compiled at first use with the system C++ compiler, cached on disk, loaded with :mod:`ctypes`;
-:mod:`regoptim._cpu_fused` calls :func:`load` and re-exports the public helpers.
+:mod:`regoptim.backends.cpu.kernel` calls :func:`load` and re-exports the public helpers.
 
 The cache is keyed by a hash of the source, the flags and the host CPU (not the compiler, so a
 cached build loads on a machine without one; delete the entry to rebuild with another) and lives in ``$REGOPTIM_CACHE_DIR``, else
@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from regoptim._private_files import (
+from regoptim.backends.cpu.private_files import (
     fsync,
     is_private_dir,
     make_private_dir,
@@ -265,7 +265,7 @@ def _build_dirs() -> Iterator[Path]:
 def prebuilt_variant() -> str | None:
     """The install-time variant for this CPU: chosen from the capability torch reports (which
     never exceeds what the CPU supports, and honours ``ATEN_CPU_CAPABILITY``)."""
-    from regoptim._capability import arch
+    from regoptim.backends.cpu.capability import arch
 
     machine = arch()
     if machine is None:

@@ -4,7 +4,7 @@ With ``group_l1 > 0`` a param group's step is the family's update followed by th
 *all* of the group's parameters (``regoptim.regularizers.group_lasso``). When the group qualifies, one call of a
 fused backend does both, reducing each group's norm across its tensors in cache:
 
-* CPU tensors: the C++ kernel (``regoptim._cpu_group``), on the default path (float32, the kernel
+* CPU tensors: the C++ kernel (``regoptim.backends.cpu.group``), on the default path (float32, the kernel
   built at install) and under ``fused=True``;
 * CUDA tensors (and CPU tensors under ``fused=True`` while ``TRITON_INTERPRET=1``): the Triton
   kernels (``regoptim._kernels``), one launch per param group whatever its number of tensors.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from regoptim._fused import fused_backend, fused_unavailable_reason
+from regoptim.backends.dispatch import fused_backend, fused_unavailable_reason
 from regoptim.hyper import AdamHyper, GroupLasso, SgdHyper
 from regoptim.optimizer import resolve_impl
 from regoptim.regularizers.group_lasso import resolve_group_axes
@@ -40,7 +40,7 @@ def _backend(device_type: str, default_path: bool) -> Any:
     backend = "cpu" if default_path and device_type == "cpu" else fused_backend(device_type)
     try:  # TODO(merge): the backends land from their branches
         if backend == "cpu":
-            import regoptim._cpu_group as mod
+            import regoptim.backends.cpu.group as mod
         else:
             import regoptim._kernels as mod
     except ImportError:
