@@ -280,7 +280,8 @@ def _plots_available() -> bool:
 
 
 def _run_compare(args: argparse.Namespace, out: Path) -> None:
-    from .train import compare, load_digits_split
+    from .compare import compare
+    from .train import load_digits_split
 
     data = load_digits_split()
     n_train = data.x_train.shape[0] + data.x_val.shape[0]

@@ -7,9 +7,9 @@ bundled handwritten digits (1797 8x8 images, shipped with scikit-learn, no downl
   never depends on the training seed, so every run and both commands see the same test set).
 * :func:`train_model`: one deterministic training run (seeded init and batch order);
   :func:`run_epoch`, one epoch of it, is what :mod:`regoptim.paths` calls.
-* :func:`compare`: the seven-way comparison of ``regoptim compare`` (tqdm bar on stderr).
 
-The strength sweep of ``regoptim path`` lives in :mod:`regoptim.paths`.
+The comparison of ``regoptim compare`` lives in :mod:`regoptim.compare`, the strength sweep of
+``regoptim path`` in :mod:`regoptim.paths`.
 
 scikit-learn is imported only inside :func:`load_digits_split`; matplotlib never here.
 """
@@ -17,7 +17,6 @@ scikit-learn is imported only inside :func:`load_digits_split`; matplotlib never
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,22 +26,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .groups import param_groups
 from .penalties import l1_penalty
-from .sparsity import SparsityReport, sparsity
 
-__all__ = [
-    "COMPARE_DEFAULTS",
-    "CompareResult",
-    "Digits",
-    "MLP",
-    "Method",
-    "compare",
-    "compare_methods",
-    "load_digits_split",
-    "run_epoch",
-    "train_model",
-]
+__all__ = ["COMPARE_DEFAULTS", "Digits", "MLP", "load_digits_split", "run_epoch", "train_model"]
 
 NEAR_ZERO_ATOL = 1e-3
 
@@ -208,121 +194,6 @@ def train_model(
     return stats
 
 
-# ----------------------------------------------------------------------------- compare
-
-
-@dataclass(frozen=True)
-class Method:
-    """One line of the comparison: how to build the optimizer, and an optional loss-L1 term."""
-
-    name: str
-    regularization: str
-    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
-    loss_l1: float = 0.0
-
-
-def compare_methods(hp: dict[str, float | int] | None = None) -> list[Method]:
-    """The seven configurations of ``regoptim compare``; biases and 1-D params are exempt."""
-    from . import ProxAdamW, ProxSGD  # the core optimizers (imported late: no import cycle)
-
-    h = {**COMPARE_DEFAULTS, **(hp or {})}
-    lr, mom, wd, l1 = float(h["sgd_lr"]), float(h["momentum"]), float(h["weight_decay"]), h["l1"]
-    alr, awd, al1 = float(h["adam_lr"]), float(h["adamw_weight_decay"]), float(h["adam_l1"])
-    sgd = torch.optim.SGD
-    return [
-        Method("SGD", "none", lambda m: sgd(param_groups(m), lr=lr, momentum=mom)),
-        Method(
-            "SGD + weight_decay",
-            f"coupled L2 weight_decay={wd:g}",
-            lambda m: sgd(param_groups(m, weight_decay=wd), lr=lr, momentum=mom),
-        ),
-        Method(
-            "ProxSGD decoupled",
-            f"decoupled weight_decay={wd:g}",
-            lambda m: ProxSGD(
-                param_groups(m, weight_decay=wd), lr=lr, momentum=mom, decoupled_weight_decay=True
-            ),
-        ),
-        Method(
-            "SGD + L1 in loss",
-            f"loss += {l1:g} * l1_penalty",
-            lambda m: sgd(param_groups(m), lr=lr, momentum=mom),
-            loss_l1=float(l1),
-        ),
-        Method(
-            "ProxSGD l1",
-            f"proximal l1={l1:g}",
-            lambda m: ProxSGD(param_groups(m, l1=float(l1)), lr=lr, momentum=mom),
-        ),
-        Method(
-            "AdamW",
-            f"decoupled weight_decay={awd:g}",
-            lambda m: torch.optim.AdamW(param_groups(m, weight_decay=awd), lr=alr),
-        ),
-        Method(
-            "ProxAdamW l1",
-            f"weight_decay={awd:g}, proximal l1={al1:g}",
-            lambda m: ProxAdamW(param_groups(m, weight_decay=awd, l1=al1), lr=alr),
-        ),
-    ]
-
-
-@dataclass
-class CompareRow:
-    name: str
-    regularization: str
-    test_accuracy: float
-    sparsity: SparsityReport
-    mean_step_s: float
-    final_loss: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "regularization": self.regularization,
-            "test_accuracy": self.test_accuracy,
-            "zero_fraction": self.sparsity.fraction,
-            "near_zero_fraction": self.sparsity.near_fraction,
-            "mean_step_us": 1e6 * self.mean_step_s,
-            "final_loss": self.final_loss,
-            "sparsity": self.sparsity.to_dict(),
-        }
-
-
-@dataclass
-class CompareResult:
-    rows: list[CompareRow]
-    initial_weights: dict[str, Tensor]
-    final_weights: dict[str, dict[str, Tensor]]
-    settings: dict[str, Any]
-
-    def table(self) -> str:
-        atol = self.rows[0].sparsity.atol if self.rows else NEAR_ZERO_ATOL
-        header = (
-            "method",
-            "regularization",
-            "test acc",
-            "exact zeros",
-            f"|w|<={atol:g}",
-            "step (us)",
-        )
-        body = [
-            (
-                r.name,
-                r.regularization,
-                f"{100 * r.test_accuracy:.1f}%",
-                f"{100 * r.sparsity.fraction:.1f}%",
-                f"{100 * r.sparsity.near_fraction:.1f}%",
-                f"{1e6 * r.mean_step_s:.0f}",
-            )
-            for r in self.rows
-        ]
-        return _format_table(header, body, left=2)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"settings": self.settings, "rows": [r.to_dict() for r in self.rows]}
-
-
 def _format_table(header: Sequence[str], body: Iterable[Sequence[str]], *, left: int) -> str:
     lines = [tuple(header), *[tuple(b) for b in body]]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -336,63 +207,3 @@ def _format_table(header: Sequence[str], body: Iterable[Sequence[str]], *, left:
 
     rule = "  ".join(("-" if h else " ") * w for h, w in zip(header, widths, strict=True))
     return "\n".join([fmt(lines[0]), rule.rstrip(), *(fmt(line) for line in lines[1:])])
-
-
-def compare(
-    *,
-    epochs: int = int(COMPARE_DEFAULTS["epochs"]),
-    seed: int = 0,
-    progress: bool = True,
-    methods: Sequence[Method] | None = None,
-    data: Digits | None = None,
-    hp: dict[str, float | int] | None = None,
-) -> CompareResult:
-    """Train the MLP once per method from the same initialization and batch order."""
-    data = load_digits_split() if data is None else data
-    methods = compare_methods(hp) if methods is None else list(methods)
-    h = {**COMPARE_DEFAULTS, **(hp or {})}
-    batch_size = int(h["batch_size"])
-    x, y = data.train_and_val()
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(methods) * epochs, disable=not progress, unit="epoch", file=sys.stderr)
-    rows: list[CompareRow] = []
-    finals: dict[str, dict[str, Tensor]] = {}
-    initial: dict[str, Tensor] = {}
-    try:
-        for method in methods:
-            torch.manual_seed(seed)
-            model = MLP()
-            if not initial:
-                initial = {n: p.detach().clone() for n, p in weights(model)}
-            optimizer = method.make_optimizer(model)
-            l1_params = optimizer.param_groups[0]["params"] if method.loss_l1 else ()
-            bar.set_description(method.name)
-            stats = train_model(
-                model,
-                optimizer,
-                x,
-                y,
-                epochs=epochs,
-                batch_size=batch_size,
-                seed=seed,
-                loss_l1=method.loss_l1,
-                loss_l1_params=l1_params,
-                on_epoch=lambda: bar.update(1),
-            )
-            rows.append(
-                CompareRow(
-                    name=method.name,
-                    regularization=method.regularization,
-                    test_accuracy=accuracy(model, data.x_test, data.y_test),
-                    sparsity=sparsity(weights(model), atol=NEAR_ZERO_ATOL),
-                    mean_step_s=stats.mean_step_s,
-                    final_loss=stats.final_loss,
-                )
-            )
-            finals[method.name] = {n: p.detach().clone() for n, p in weights(model)}
-    finally:
-        bar.close()
-    # the arguments last: COMPARE_DEFAULTS' "epochs" must not overwrite the epochs run
-    settings = {**h, "epochs": epochs, "seed": seed, "threads": torch.get_num_threads()}
-    return CompareResult(rows, initial, finals, settings)
