@@ -1,6 +1,6 @@
 """The ``regoptim`` command (also ``python -m regoptim``).
 
-``regoptim compare``: one MLP on scikit-learn's digits under seven optimizer/regularization
+``regoptim compare``: one MLP on scikit-learn's digits under nine optimizer/regularization
 configurations; prints a table and writes plots. ``regoptim path``: sweeps a regularization
 strength (strongest first, warm-started), picks it by validation accuracy and scores the test set
 once. ``regoptim prune``: group lasso, then slim (:mod:`regoptim.prune`). Run ``regoptim -h``.
@@ -120,11 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser(
         "compare",
-        help="one MLP, seven optimizer/regularization set-ups, one table",
+        help="one MLP, nine optimizer/regularization set-ups, one table",
         description="Train a 64-256-10 MLP on the digits under SGD, SGD + coupled "
-        "weight_decay, ProxSGD decoupled decay, SGD + L1 in the loss, ProxSGD l1, AdamW and "
-        "ProxAdamW l1 (same init, same batches); print test accuracy, exact-zero fraction and "
-        "mean optimizer-step time; write weights.png, sparsity.png and compare.json to DIR.",
+        "weight_decay, ProxSGD decoupled decay, SGD + L1 in the loss, ProxSGD l1, ProxSGD "
+        "group lasso, AdamW, ProxAdamW l1 and ProxAdamW group lasso (same init, same batches; "
+        "group lasso on the hidden neurons); print test accuracy, exact-zero fraction, zero "
+        "neurons and mean optimizer-step time; write weights.png, sparsity.png and "
+        "compare.json to DIR.",
     )
     common(compare, "runs/compare", 60)
 
@@ -288,7 +290,7 @@ def _run_compare(args: argparse.Namespace, out: Path) -> None:
     print(
         f"MLP 64-256-10 on scikit-learn digits ({n_train} train / {data.x_test.shape[0]} test), "
         f"{args.epochs} epochs, batch 64, seed {args.seed}, {args.threads} thread(s); "
-        "biases and 1-D params exempt",
+        "biases and 1-D params exempt (group_l1 rows: a hidden neuron's row and bias, one group)",
         flush=True,
     )
     result = compare(epochs=args.epochs, seed=args.seed, progress=not args.no_progress, data=data)
@@ -309,7 +311,8 @@ def _run_compare(args: argparse.Namespace, out: Path) -> None:
             title=f"Weights after {args.epochs} epochs vs init (shared bins, log counts)",
         )
         fig.clear()
-        fig = plot_sparsity(reports, path=out / "sparsity.png", title="Exact zeros per layer")
+        title = "Exact zeros per layer; hidden neurons exactly zero (groups)"
+        fig = plot_sparsity(reports, path=out / "sparsity.png", title=title)
         fig.clear()
         written += [out / "weights.png", out / "sparsity.png"]
     _report_written("compare", out, written)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .groups import param_groups
 from .sparsity import SparsityReport, sparsity
+from .structure import structured_groups
 from .train import (
     COMPARE_DEFAULTS,
     MLP,
@@ -43,13 +44,25 @@ class Method:
     loss_l1: float = 0.0
 
 
+def _neuron_groups(
+    model: nn.Module, group_l1: float, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """:func:`regoptim.structured_groups` of the MLP, as ``regoptim prune`` builds them: one group
+    per hidden neuron (its weight row and its bias entry; ``weight_decay`` covers both), the
+    output layer placed by :func:`regoptim.param_groups` (its bias exempt)."""
+    example = torch.zeros(2, model.fc1.in_features)
+    return structured_groups(model, example, group_l1=group_l1, weight_decay=weight_decay)
+
+
 def compare_methods(hp: dict[str, float | int] | None = None) -> list[Method]:
-    """The seven configurations of ``regoptim compare``; biases and 1-D params are exempt."""
+    """The nine configurations of ``regoptim compare``. Biases and 1-D params are exempt, except
+    in the group-lasso rows, where each hidden neuron's bias is in its neuron's group."""
     from . import ProxAdamW, ProxSGD  # the core optimizers (imported late: no import cycle)
 
     h = {**COMPARE_DEFAULTS, **(hp or {})}
     lr, mom, wd, l1 = float(h["sgd_lr"]), float(h["momentum"]), float(h["weight_decay"]), h["l1"]
     alr, awd, al1 = float(h["adam_lr"]), float(h["adamw_weight_decay"]), float(h["adam_l1"])
+    gl1, agl1 = float(h["group_l1"]), float(h["adam_group_l1"])
     sgd = torch.optim.SGD
     return [
         Method("SGD", "none", lambda m: sgd(param_groups(m), lr=lr, momentum=mom)),
@@ -77,6 +90,11 @@ def compare_methods(hp: dict[str, float | int] | None = None) -> list[Method]:
             lambda m: ProxSGD(param_groups(m, l1=float(l1)), lr=lr, momentum=mom),
         ),
         Method(
+            "ProxSGD group_l1",
+            f"group_l1={gl1:g} on hidden neurons",
+            lambda m: ProxSGD(_neuron_groups(m, gl1), lr=lr, momentum=mom),
+        ),
+        Method(
             "AdamW",
             f"decoupled weight_decay={awd:g}",
             lambda m: torch.optim.AdamW(param_groups(m, weight_decay=awd), lr=alr),
@@ -85,6 +103,11 @@ def compare_methods(hp: dict[str, float | int] | None = None) -> list[Method]:
             "ProxAdamW l1",
             f"weight_decay={awd:g}, proximal l1={al1:g}",
             lambda m: ProxAdamW(param_groups(m, weight_decay=awd, l1=al1), lr=alr),
+        ),
+        Method(
+            "ProxAdamW group_l1",
+            f"weight_decay={awd:g}, group_l1={agl1:g}",
+            lambda m: ProxAdamW(_neuron_groups(m, agl1, weight_decay=awd), lr=alr),
         ),
     ]
 
@@ -98,13 +121,25 @@ class CompareRow:
     mean_step_s: float
     final_loss: float
 
+    @property
+    def zero_groups(self) -> tuple[int, int] | None:
+        """(zero groups, groups) over the param groups with group lasso (here: hidden neurons
+        exactly zero, and hidden neurons); ``None`` for a set-up without group lasso."""
+        rows = self.sparsity.groups
+        if not rows:
+            return None
+        return sum(r.zero_groups for r in rows), sum(r.groups for r in rows)
+
     def to_dict(self) -> dict[str, Any]:
+        zero_groups, groups = self.zero_groups or (None, None)
         return {
             "name": self.name,
             "regularization": self.regularization,
             "test_accuracy": self.test_accuracy,
             "zero_fraction": self.sparsity.fraction,
             "near_zero_fraction": self.sparsity.near_fraction,
+            "zero_groups": zero_groups,
+            "groups": groups,
             "mean_step_us": 1e6 * self.mean_step_s,
             "final_loss": self.final_loss,
             "sparsity": self.sparsity.to_dict(),
@@ -126,6 +161,7 @@ class CompareResult:
             "test acc",
             "exact zeros",
             f"|w|<={atol:g}",
+            "zero neurons",
             "step (us)",
         )
         body = [
@@ -135,6 +171,7 @@ class CompareResult:
                 f"{100 * r.test_accuracy:.1f}%",
                 f"{100 * r.sparsity.fraction:.1f}%",
                 f"{100 * r.sparsity.near_fraction:.1f}%",
+                "-" if r.zero_groups is None else "{}/{}".format(*r.zero_groups),
                 f"{1e6 * r.mean_step_s:.0f}",
             )
             for r in self.rows
@@ -143,6 +180,14 @@ class CompareResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "rows": [r.to_dict() for r in self.rows]}
+
+
+def _sparsity(model: nn.Module, optimizer: torch.optim.Optimizer) -> SparsityReport:
+    """Zeros over the weight matrices; zero groups (named after the whole model, biases
+    included) of the param groups with group lasso."""
+    report = sparsity(weights(model), atol=NEAR_ZERO_ATOL)
+    groups = sparsity(model, atol=NEAR_ZERO_ATOL, optimizer=optimizer).groups
+    return replace(report, groups=groups)
 
 
 def compare(
@@ -192,7 +237,7 @@ def compare(
                     name=method.name,
                     regularization=method.regularization,
                     test_accuracy=accuracy(model, data.x_test, data.y_test),
-                    sparsity=sparsity(weights(model), atol=NEAR_ZERO_ATOL),
+                    sparsity=_sparsity(model, optimizer),
                     mean_step_s=stats.mean_step_s,
                     final_loss=stats.final_loss,
                 )

@@ -43,6 +43,9 @@ COMPARE_DEFAULTS: dict[str, float | int] = {
     "adam_lr": 1e-3,
     "adamw_weight_decay": 1e-2,
     "adam_l1": 1e-4,
+    # group lasso on the hidden neurons (measured, seed 0: 114 and 106 of 256 neurons zero)
+    "group_l1": 1e-2,
+    "adam_group_l1": 5e-3,
 }
 
 
