@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from regoptim.cli import _strengths, build_parser, main
+from regoptim.workflow.cli import _strengths, build_parser, main
 
 pytest.importorskip("sklearn")
 
@@ -108,8 +108,8 @@ def test_compare_group_lasso_rows_count_zero_neurons(keep_threads):
     one epoch leaves fc1 all zero, and the other rows show no count."""
     import torch
 
-    from regoptim.compare import compare, compare_methods
-    from regoptim.train import load_digits_split
+    from regoptim.workflow.compare import compare, compare_methods
+    from regoptim.workflow.train import load_digits_split
 
     torch.set_num_threads(1)
     hp = {"group_l1": 0.5, "adam_group_l1": 0.5}  # strong: every neuron goes within one epoch
@@ -336,8 +336,8 @@ def test_cold_path_points_are_independent_runs_and_warm_ones_are_not(keep_thread
     previous, stronger solution, so the second point differs."""
     import torch
 
-    from regoptim.paths import digits_path
-    from regoptim.train import load_digits_split
+    from regoptim.workflow.paths import digits_path
+    from regoptim.workflow.train import load_digits_split
 
     torch.set_num_threads(1)  # what the command runs with (2 were 5x slower on 2 busy cores)
     data = load_digits_split()

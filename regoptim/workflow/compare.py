@@ -1,20 +1,27 @@
 """The comparison of ``regoptim compare``: one MLP, many optimizer/regularization set-ups.
 
-:func:`compare` trains :class:`regoptim.train.MLP` on the digits once per :class:`Method`, each
-from the same initialization and in the same batch order, and returns a :class:`CompareResult`
-(test accuracy, sparsity and mean ``optimizer.step()`` time per set-up; a table, a JSON-ready
-dict). :func:`compare_methods` lists the set-ups. A tqdm bar goes to stderr.
+:func:`compare` trains :class:`regoptim.workflow.train.MLP` on the digits once per
+:class:`Method`, each from the same initialization and in the same batch order, and returns a
+:class:`CompareResult` (test accuracy, sparsity and mean ``optimizer.step()`` time per set-up; a
+table, a JSON-ready dict). :func:`compare_methods` lists the set-ups, :func:`run_command` is the command. A tqdm bar
+goes to stderr.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from regoptim.adamw import ProxAdamW
+from regoptim.sgd import ProxSGD
 
 from .groups import param_groups
 from .sparsity import SparsityReport, sparsity
@@ -31,7 +38,7 @@ from .train import (
     weights,
 )
 
-__all__ = ["CompareResult", "CompareRow", "Method", "compare", "compare_methods"]
+__all__ = ["CompareResult", "CompareRow", "Method", "compare", "compare_methods", "run_command"]
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,6 @@ def _neuron_groups(
 def compare_methods(hp: dict[str, float | int] | None = None) -> list[Method]:
     """The nine configurations of ``regoptim compare``. Biases and 1-D params are exempt, except
     in the group-lasso rows, where each hidden neuron's bias is in its neuron's group."""
-    from . import ProxAdamW, ProxSGD  # the core optimizers (imported late: no import cycle)
-
     h = {**COMPARE_DEFAULTS, **(hp or {})}
     lr, mom, wd, l1 = float(h["sgd_lr"]), float(h["momentum"]), float(h["weight_decay"]), h["l1"]
     alr, awd, al1 = float(h["adam_lr"]), float(h["adamw_weight_decay"]), float(h["adam_l1"])
@@ -248,3 +253,40 @@ def compare(
     # the arguments last: COMPARE_DEFAULTS' "epochs" must not overwrite the epochs run
     settings = {**h, "epochs": epochs, "seed": seed, "threads": torch.get_num_threads()}
     return CompareResult(rows, initial, finals, settings)
+
+
+def run_command(args: argparse.Namespace, out: Path, *, plots: bool) -> list[Path]:
+    """``regoptim compare``: print the set-up, run :func:`compare` with the parsed flags, print
+    the table and write compare.txt, compare.json and, with ``plots``, weights.png and
+    sparsity.png into ``out``; returns the paths written."""
+    data = load_digits_split()
+    n_train = data.x_train.shape[0] + data.x_val.shape[0]
+    print(
+        f"MLP 64-256-10 on scikit-learn digits ({n_train} train / {data.x_test.shape[0]} test), "
+        f"{args.epochs} epochs, batch 64, seed {args.seed}, {args.threads} thread(s); "
+        "biases and 1-D params exempt (group_l1 rows: a hidden neuron's row and bias, one group)",
+        flush=True,
+    )
+    result = compare(epochs=args.epochs, seed=args.seed, progress=not args.no_progress, data=data)
+    table = result.table()
+    print(table)
+    (out / "compare.txt").write_text(table + "\n")
+    (out / "compare.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    written = [out / "compare.txt", out / "compare.json"]
+    if plots:
+        from .plots import plot_sparsity, plot_weight_distributions
+
+        reports = {r.name: r.sparsity for r in result.rows}
+        fig = plot_weight_distributions(
+            result.initial_weights,
+            result.final_weights,
+            before_label="init",
+            path=out / "weights.png",
+            title=f"Weights after {args.epochs} epochs vs init (shared bins, log counts)",
+        )
+        fig.clear()
+        title = "Exact zeros per layer; hidden neurons exactly zero (groups)"
+        fig = plot_sparsity(reports, path=out / "sparsity.png", title=title)
+        fig.clear()
+        written += [out / "weights.png", out / "sparsity.png"]
+    return written

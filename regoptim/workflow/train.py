@@ -6,10 +6,10 @@ bundled handwritten digits (1797 8x8 images, shipped with scikit-learn, no downl
 * :func:`load_digits_split`: a fixed, stratified 60/20/20 train/validation/test split (the split
   never depends on the training seed, so every run and both commands see the same test set).
 * :func:`train_model`: one deterministic training run (seeded init and batch order);
-  :func:`run_epoch`, one epoch of it, is what :mod:`regoptim.paths` calls.
+  :func:`run_epoch`, one epoch of it, is what :mod:`regoptim.workflow.paths` calls.
 
-The comparison of ``regoptim compare`` lives in :mod:`regoptim.compare`, the strength sweep of
-``regoptim path`` in :mod:`regoptim.paths`.
+The comparison of ``regoptim compare`` lives in :mod:`regoptim.workflow.compare`, the strength
+sweep of ``regoptim path`` in :mod:`regoptim.workflow.paths`.
 
 scikit-learn is imported only inside :func:`load_digits_split`; matplotlib never here.
 """
