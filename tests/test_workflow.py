@@ -375,6 +375,6 @@ def test_public_exports():
         pytest.skip("regoptim/__init__.py does not export the workflow API yet")
     assert regoptim.param_groups is param_groups
     assert regoptim.l1_penalty is l1_penalty and regoptim.l2_penalty is l2_penalty
-    # the function shadows the submodule of the same name: regoptim.sparsity(model) must work
+    # the function (its module is regoptim.workflow.sparsity): regoptim.sparsity(model) must work
     assert regoptim.sparsity is sparsity
     assert regoptim.SparsityReport is SparsityReport
