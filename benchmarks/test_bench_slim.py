@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from benchmarks.conftest import bench_option
-from regoptim.structure import slim
+from regoptim.workflow.structure import slim
 
 ZEROED_SHARE = 0.85
 BATCH_SIZES = (1, 256)

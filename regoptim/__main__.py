@@ -1,6 +1,6 @@
 """``python -m regoptim``: the ``regoptim`` command."""
 
-from regoptim.cli import main
+from regoptim.workflow.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from regoptim.cli import _strengths, build_parser, main
+from regoptim.workflow.cli import _strengths, build_parser, main
 
 pytest.importorskip("sklearn")
 
@@ -20,9 +20,12 @@ METHODS = [
     "ProxSGD decoupled",
     "SGD + L1 in loss",
     "ProxSGD l1",
+    "ProxSGD group_l1",
     "AdamW",
     "ProxAdamW l1",
+    "ProxAdamW group_l1",
 ]
+GROUP_ROWS = ["ProxSGD group_l1", "ProxAdamW group_l1"]
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -51,9 +54,10 @@ def test_compare_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
-    for name, line in zip(METHODS, lines[header + 2 : header + 9], strict=True):
+    for name, line in zip(METHODS, lines[header + 2 : header + 2 + len(METHODS)], strict=True):
         assert line.startswith(name)
     assert "test acc" in lines[header] and "exact zeros" in lines[header]
+    assert "zero neurons" in lines[header]
     assert "[" in res.stderr and "100%" in res.stderr  # the progress bar
     data = json.loads((out / "compare.json").read_text())
     assert [r["name"] for r in data["rows"]] == METHODS
@@ -61,6 +65,14 @@ def test_compare_end_to_end(tmp_path):
     assert rows["SGD"]["zero_fraction"] == 0.0
     assert rows["ProxSGD l1"]["zero_fraction"] > 0.0  # exact zeros after one epoch already
     assert rows["SGD + L1 in loss"]["zero_fraction"] == 0.0
+    for name, row in rows.items():  # hidden neurons: row and bias of fc1, one group each
+        if name in GROUP_ROWS:
+            assert row["groups"] == 256 and 0 <= row["zero_groups"] <= 256
+            (group,) = row["sparsity"]["groups"]
+            assert group["params"] == ["fc1.weight", "fc1.bias"]
+            assert group["zero_groups"] == row["zero_groups"]
+        else:
+            assert row["groups"] is None and row["zero_groups"] is None
     assert all(0.0 < r["test_accuracy"] <= 1.0 and r["mean_step_us"] > 0 for r in data["rows"])
     if _has_matplotlib():
         for png in ("weights.png", "sparsity.png"):
@@ -88,6 +100,32 @@ def test_compare_is_deterministic(tmp_path, keep_threads, capsys):
         assert r1["test_accuracy"] == r2["test_accuracy"]
         assert r1["sparsity"] == r2["sparsity"]
         assert r1["final_loss"] == r2["final_loss"]
+
+
+def test_compare_group_lasso_rows_count_zero_neurons(keep_threads):
+    """The group-lasso rows: ``zero neurons`` counts the hidden neurons whose weight row and bias
+    are exactly 0 (``sparsity(..., optimizer=).groups``); a strength that zeroes every neuron in
+    one epoch leaves fc1 all zero, and the other rows show no count."""
+    import torch
+
+    from regoptim.workflow.compare import compare, compare_methods
+    from regoptim.workflow.train import load_digits_split
+
+    torch.set_num_threads(1)
+    hp = {"group_l1": 0.5, "adam_group_l1": 0.5}  # strong: every neuron goes within one epoch
+    methods = [m for m in compare_methods(hp) if m.name in ("SGD", *GROUP_ROWS)]
+    result = compare(epochs=1, progress=False, methods=methods, data=load_digits_split(), hp=hp)
+    plain, *grouped = result.rows
+    assert plain.zero_groups is None and plain.sparsity.groups == ()
+    for row in grouped:
+        assert row.zero_groups == (256, 256)
+        assert not result.final_weights[row.name]["fc1.weight"].any()
+        assert row.sparsity.fraction == 256 * 64 / (256 * 64 + 10 * 256)  # over the weights
+    lines = result.table().splitlines()
+    assert lines[0].endswith("zero neurons  step (us)")
+    assert [line.split()[-2] for line in lines[2:]] == ["-", "256/256", "256/256"]
+    data = result.to_dict()["rows"]
+    assert [(r["zero_groups"], r["groups"]) for r in data] == [(None, None), *[(256, 256)] * 2]
 
 
 @pytest.mark.slow
@@ -298,8 +336,8 @@ def test_cold_path_points_are_independent_runs_and_warm_ones_are_not(keep_thread
     previous, stronger solution, so the second point differs."""
     import torch
 
-    from regoptim.paths import digits_path
-    from regoptim.train import load_digits_split
+    from regoptim.workflow.paths import digits_path
+    from regoptim.workflow.train import load_digits_split
 
     torch.set_num_threads(1)  # what the command runs with (2 were 5x slower on 2 busy cores)
     data = load_digits_split()

@@ -82,7 +82,7 @@ def test_report_follows_training_with_group_lasso():
 
 def test_plot_sparsity_draws_zero_groups():
     pytest.importorskip("matplotlib")
-    from regoptim.plots import plot_sparsity
+    from regoptim.workflow.plots import plot_sparsity
 
     model, opt = _model_and_opt()
     fig = plot_sparsity(regoptim.sparsity(model, optimizer=opt), near=False)

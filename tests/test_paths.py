@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import regoptim
-from regoptim.paths import PathStep
+from regoptim.workflow.paths import PathStep
 
 
 def _least_squares(x, y):

@@ -1,4 +1,4 @@
-"""``regoptim prune`` and :func:`regoptim.prune.prune_digits` at tiny sizes (2 epochs).
+"""``regoptim prune`` and :func:`regoptim.workflow.prune.prune_digits` at tiny sizes (2 epochs).
 
 In 2 epochs the command's default strength (0.05) leaves every neuron in place, so these tests
 train with ``group_l1`` 0.2, where rows do go to zero (but not all of them).
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from regoptim import ProxSGD, SlimReport, structured_groups
-from regoptim.cli import main
-from regoptim.prune import PRUNE_DEFAULTS, DigitsMLP, Latency, PruneResult, prune_digits
+from regoptim.workflow.cli import main
+from regoptim.workflow.prune import PRUNE_DEFAULTS, DigitsMLP, Latency, PruneResult, prune_digits
 
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
@@ -32,7 +32,7 @@ def keep_threads():
 
 @pytest.fixture(scope="module")
 def data():
-    from regoptim.train import load_digits_split
+    from regoptim.workflow.train import load_digits_split
 
     return load_digits_split()
 
@@ -129,7 +129,7 @@ def test_bad_flags_exit_2_with_one_line(flag, value, tmp_path, capsys):
 
 
 def test_limits_are_accepted():
-    from regoptim.cli import build_parser
+    from regoptim.workflow.cli import build_parser
 
     args = build_parser().parse_args(["prune", "--group-l1", "1e3", "--repeats", "100000"])
     assert (args.group_l1, args.repeats) == (1e3, 100000)
@@ -194,9 +194,9 @@ def test_group_lasso_keeps_applying_on_the_default_cpu_path():
 
 
 def test_a_slim_model_that_changes_predictions_is_an_error(data, monkeypatch):
-    import regoptim.prune
+    import regoptim.workflow.prune
 
-    real_slim = regoptim.prune.slim
+    real_slim = regoptim.workflow.prune.slim
 
     def wrong_slim(model, example_inputs, *, report):
         small, rep = real_slim(model, example_inputs, report=True)
@@ -204,7 +204,7 @@ def test_a_slim_model_that_changes_predictions_is_an_error(data, monkeypatch):
             small.fc3.bias[0] += 1e3  # every input now predicts class 0
         return small, rep
 
-    monkeypatch.setattr(regoptim.prune, "slim", wrong_slim)
+    monkeypatch.setattr(regoptim.workflow.prune, "slim", wrong_slim)
     with pytest.raises(RuntimeError, match="changed .* test predictions"):
         prune_digits(epochs=1, group_l1=0.0, repeats=1, progress=False, data=data)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import regoptim
-from regoptim.structure import SlimReport, UntraceableModelError, slim, structured_groups
+from regoptim.workflow.structure import SlimReport, UntraceableModelError, slim, structured_groups
 from tests.test_structure import FunctionalMLP, Gate, Residual, cnn, mlp
 from tests.tolerances import assert_close_normwise
 
@@ -394,7 +394,8 @@ def test_custom_forward_mlp_with_scalar_ops_folds_through_them():
 def test_a_wrong_edit_is_caught_by_the_output_check(monkeypatch):
     import importlib
 
-    slim_module = importlib.import_module("regoptim.structure.slim")  # the module, not the function
+    # the module, not the function of the same name
+    slim_module = importlib.import_module("regoptim.workflow.structure.slim")
     monkeypatch.setattr(slim_module, "_fold", lambda *args: None)  # forget the constants
     model = mlp()
     zero_channels(model[0], [1], bias=1.0)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import regoptim
-from regoptim.structure import UntraceableModelError, analyze, structured_groups
+from regoptim.workflow.structure import UntraceableModelError, analyze, structured_groups
 
 
 def mlp() -> nn.Sequential:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from regoptim.groups import param_groups
-from regoptim.penalties import l1_penalty, l2_penalty
-from regoptim.sparsity import SparsityReport, sparsity
+from regoptim.workflow.groups import param_groups
+from regoptim.workflow.penalties import l1_penalty, l2_penalty
+from regoptim.workflow.sparsity import SparsityReport, sparsity
 
 # ------------------------------------------------------------------------------------ models
 
@@ -301,7 +301,7 @@ def test_sparsity_prints_well():
 
 def test_plots_written_headless(tmp_path):
     pytest.importorskip("matplotlib")
-    from regoptim.plots import (
+    from regoptim.workflow.plots import (
         plot_regularization_path,
         plot_sparsity,
         plot_weight_distributions,
@@ -347,9 +347,10 @@ class Block:
         if name.split('.')[0] in ('matplotlib', 'sklearn'):
             raise ImportError('blocked ' + name)
 sys.meta_path.insert(0, Block())
-import regoptim, regoptim.groups, regoptim.penalties, regoptim.cli, regoptim.train
-from regoptim.plots import plot_sparsity
-from regoptim.sparsity import sparsity
+import regoptim
+from regoptim.workflow import cli, compare, groups, paths, penalties, prune, train
+from regoptim.workflow.plots import plot_sparsity
+from regoptim.workflow.sparsity import sparsity
 assert 'matplotlib' not in sys.modules and 'sklearn' not in sys.modules
 try:
     plot_sparsity(sparsity([]))
@@ -374,6 +375,6 @@ def test_public_exports():
         pytest.skip("regoptim/__init__.py does not export the workflow API yet")
     assert regoptim.param_groups is param_groups
     assert regoptim.l1_penalty is l1_penalty and regoptim.l2_penalty is l2_penalty
-    # the function shadows the submodule of the same name: regoptim.sparsity(model) must work
+    # the function (its module is regoptim.workflow.sparsity): regoptim.sparsity(model) must work
     assert regoptim.sparsity is sparsity
     assert regoptim.SparsityReport is SparsityReport

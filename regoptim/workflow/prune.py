@@ -7,7 +7,7 @@ are removed), checks that the slim model predicts exactly what the trained one d
 both: parameters, test accuracy and CPU inference latency (median of many forward passes, at
 batch 1 and on the whole test set, with torch's current thread count).
 
-A client of the optimizers, like :mod:`regoptim.train`; matplotlib is imported only by
+A client of the optimizers, like :mod:`regoptim.workflow.train`; matplotlib is imported only by
 :func:`write_outputs` when asked for the plot.
 """
 
@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .sgd import ProxSGD
+from regoptim.sgd import ProxSGD
+
 from .structure import SlimReport, slim, structured_groups
 from .train import Digits, _format_table, load_digits_split, train_model
 
@@ -192,9 +193,9 @@ def prune_digits(
     """Train with row group lasso on the hidden layers, slim, and measure before and after.
 
     The MLP (:class:`DigitsMLP`, seeded init and batch order) trains on the train and
-    validation splits of :func:`regoptim.train.load_digits_split` (nothing is tuned here) with
-    ``ProxSGD(structured_groups(model, x, group_l1=group_l1), lr=lr, momentum=momentum)``; the
-    output layer is not grouped. Test accuracy is scored on the test split. Latency is the
+    validation splits of :func:`regoptim.workflow.train.load_digits_split` (nothing is tuned
+    here) with ``ProxSGD(structured_groups(model, x, group_l1=group_l1), lr=lr,
+    momentum=momentum)``; the output layer is not grouped. Test accuracy is scored on the test split. Latency is the
     median of ``repeats`` forward passes in inference mode at batch 1 and on the whole test set,
     with ``torch.get_num_threads()`` threads; the two models are timed alternately.
 
@@ -206,7 +207,7 @@ def prune_digits(
         hidden: the two hidden widths.
         repeats: timed forward passes per model and batch size.
         progress: a tqdm bar over the epochs on stderr.
-        data: the digits split (default: :func:`regoptim.train.load_digits_split`).
+        data: the digits split (default: :func:`regoptim.workflow.train.load_digits_split`).
 
     Raises:
         RuntimeError: the slim model's test predictions differ from the trained model's (a bug

@@ -5,8 +5,9 @@ r"""Regularization paths: one model trained along a sequence of strengths.
   glmnet and scikit-learn's ``lasso_path`` do); ``warm_start=False`` restarts every point from the
   model's initial weights. For each point it reports the prox-gradient residual on the full
   objective (how far from stationary the solution is) and the wall time spent on it.
-* :func:`digits_path`: the experiment of ``regoptim path`` (the MLP of :mod:`regoptim.train` on
-  scikit-learn's digits), which picks the strength by validation accuracy.
+* :func:`digits_path`: the experiment of ``regoptim path`` (the MLP of
+  :mod:`regoptim.workflow.train` on scikit-learn's digits), which picks the strength by validation
+  accuracy.
 
 The residual of a ProxSGD problem ``min f(p) + wd/2 ‖p‖² + l1 ‖p‖₁`` at step size ``lr`` is the
 norm of the gradient mapping
@@ -32,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from regoptim.regularizers.l1 import soft_threshold
+from regoptim.sgd import ProxSGD
 
 from .groups import param_groups
-from .sgd import ProxSGD
 from .sparsity import SparsityReport, sparsity
 from .train import (
     COMPARE_DEFAULTS,

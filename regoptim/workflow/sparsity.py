@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from regoptim.sparsity_target import _group_axes, count_zero_groups
+from .sparsity_target import _group_axes, count_zero_groups
 
 __all__ = ["GroupSparsityRow", "SparsityReport", "SparsityRow", "sparsity"]
 

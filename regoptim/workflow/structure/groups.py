@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from regoptim.groups import _check_strength, param_groups
-from regoptim.structure.graph import ChannelSet, analyze
+from regoptim.workflow.groups import _check_strength, param_groups
+from regoptim.workflow.structure.graph import ChannelSet, analyze
 
 __all__ = ["structured_groups"]
 
@@ -37,8 +37,8 @@ def structured_groups(
 ) -> list[dict[str, Any]]:
     """Param groups with one group lasso group per prunable channel set of ``model``.
 
-    The model is traced with :mod:`torch.fx` (see :func:`regoptim.structure.analyze`). Every
-    removable channel set becomes one param group: the producers' weights and biases
+    The model is traced with :mod:`torch.fx` (see :func:`regoptim.workflow.structure.analyze`).
+    Every removable channel set becomes one param group: the producers' weights and biases
     (``nn.Linear`` rows, ``nn.Conv*`` filters) and the affine entries of the BatchNorms that
     follow them, with ``group_axes`` 0 for each, so that channel ``c`` of every tensor is group
     ``c``. The producers feeding a residual add share one param group: a channel of the sum can
@@ -72,7 +72,7 @@ def structured_groups(
 
     Raises:
         TypeError / ValueError: a bad strength, model or ``exclude`` entry (as ``param_groups``).
-        regoptim.structure.UntraceableModelError: ``model`` cannot be traced.
+        regoptim.workflow.structure.UntraceableModelError: ``model`` cannot be traced.
     """
     _check_strength("group_l1", group_l1)
     if group_l1 is None:

@@ -3,15 +3,15 @@
 A client of the optimizers: nothing in the optimizers imports this package.
 """
 
-from regoptim.structure.graph import (
+from regoptim.workflow.structure.graph import (
     ChannelGraph,
     ChannelSet,
     Consumer,
     UntraceableModelError,
     analyze,
 )
-from regoptim.structure.groups import structured_groups
-from regoptim.structure.slim import SlimReport, SlimRow, slim
+from regoptim.workflow.structure.groups import structured_groups
+from regoptim.workflow.structure.slim import SlimReport, SlimRow, slim
 
 __all__ = [
     "ChannelGraph",

@@ -10,7 +10,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor, fx, nn
 
-from regoptim.structure.graph import ChannelGraph, Consumer, _as_tuple, analyze
+from regoptim.workflow.structure.graph import ChannelGraph, Consumer, _as_tuple, analyze
 
 __all__ = ["SlimReport", "SlimRow", "slim"]
 
@@ -191,7 +191,7 @@ def slim(
 ) -> nn.Module | tuple[nn.Module, SlimReport]:
     """A copy of ``model`` without the channels that cannot affect its outputs.
 
-    The channel sets are those of :func:`regoptim.structure.analyze` (exactly what
+    The channel sets are those of :func:`regoptim.workflow.structure.analyze` (exactly what
     :func:`regoptim.structured_groups` groups). A channel goes when its value where the next
     layers read it is constant (its producers' weight rows are zero, or a BatchNorm on it has
     ``gamma = 0``): its producers' rows, bias entries and BatchNorm entries (running statistics
@@ -211,7 +211,7 @@ def slim(
         report: also return a :class:`SlimReport` (``print`` it for a table).
 
     Raises:
-        regoptim.structure.UntraceableModelError: ``model`` cannot be traced.
+        regoptim.workflow.structure.UntraceableModelError: ``model`` cannot be traced.
     """
     inputs = _as_tuple(example_inputs)
     slimmed = copy.deepcopy(model)

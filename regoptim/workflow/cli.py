@@ -1,9 +1,10 @@
 """The ``regoptim`` command (also ``python -m regoptim``).
 
-``regoptim compare``: one MLP on scikit-learn's digits under seven optimizer/regularization
+``regoptim compare``: one MLP on scikit-learn's digits under nine optimizer/regularization
 configurations; prints a table and writes plots. ``regoptim path``: sweeps a regularization
 strength (strongest first, warm-started), picks it by validation accuracy and scores the test set
-once. ``regoptim prune``: group lasso, then slim (:mod:`regoptim.prune`). Run ``regoptim -h``.
+once. ``regoptim prune``: group lasso, then slim (:mod:`regoptim.workflow.prune`). Run
+``regoptim -h``.
 
 Usage errors (unknown flags, values out of range, an unwritable output directory, earlier results
 in ``--out`` without ``--overwrite``) print one line on stderr and exit with status 2.
@@ -120,11 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser(
         "compare",
-        help="one MLP, seven optimizer/regularization set-ups, one table",
+        help="one MLP, nine optimizer/regularization set-ups, one table",
         description="Train a 64-256-10 MLP on the digits under SGD, SGD + coupled "
-        "weight_decay, ProxSGD decoupled decay, SGD + L1 in the loss, ProxSGD l1, AdamW and "
-        "ProxAdamW l1 (same init, same batches); print test accuracy, exact-zero fraction and "
-        "mean optimizer-step time; write weights.png, sparsity.png and compare.json to DIR.",
+        "weight_decay, ProxSGD decoupled decay, SGD + L1 in the loss, ProxSGD l1, ProxSGD "
+        "group lasso, AdamW, ProxAdamW l1 and ProxAdamW group lasso (same init, same batches; "
+        "group lasso on the hidden neurons); print test accuracy, exact-zero fraction, zero "
+        "neurons and mean optimizer-step time; write weights.png, sparsity.png and "
+        "compare.json to DIR.",
     )
     common(compare, "runs/compare", 60)
 
@@ -280,49 +283,21 @@ def _plots_available() -> bool:
 
 
 def _run_compare(args: argparse.Namespace, out: Path) -> None:
-    from .train import compare, load_digits_split
+    from .compare import run_command
 
-    data = load_digits_split()
-    n_train = data.x_train.shape[0] + data.x_val.shape[0]
-    print(
-        f"MLP 64-256-10 on scikit-learn digits ({n_train} train / {data.x_test.shape[0]} test), "
-        f"{args.epochs} epochs, batch 64, seed {args.seed}, {args.threads} thread(s); "
-        "biases and 1-D params exempt",
-        flush=True,
-    )
-    result = compare(epochs=args.epochs, seed=args.seed, progress=not args.no_progress, data=data)
-    table = result.table()
-    print(table)
-    (out / "compare.txt").write_text(table + "\n")
-    (out / "compare.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    written = [out / "compare.txt", out / "compare.json"]
-    if not args.no_plots and _plots_available():
-        from .plots import plot_sparsity, plot_weight_distributions
-
-        reports = {r.name: r.sparsity for r in result.rows}
-        fig = plot_weight_distributions(
-            result.initial_weights,
-            result.final_weights,
-            before_label="init",
-            path=out / "weights.png",
-            title=f"Weights after {args.epochs} epochs vs init (shared bins, log counts)",
-        )
-        fig.clear()
-        fig = plot_sparsity(reports, path=out / "sparsity.png", title="Exact zeros per layer")
-        fig.clear()
-        written += [out / "weights.png", out / "sparsity.png"]
-    _report_written("compare", out, written)
+    plots = not args.no_plots and _plots_available()
+    _report_written("compare", out, run_command(args, out, plots=plots))
 
 
 def _run_path(args: argparse.Namespace, out: Path) -> None:
     from .paths import digits_path
 
     strengths = _strengths(args)
+    start = "cold" if args.cold else "warm"
     print(
         f"ProxSGD {args.reg} path over {len(strengths)} strengths ({args.search}), strongest "
-        f"first, {'cold' if args.cold else 'warm'} starts, {args.epochs} epochs each, "
-        f"seed {args.seed}, {args.threads} thread(s); "
-        "train/val/test 60/20/20",
+        f"first, {start} starts, {args.epochs} epochs each, seed {args.seed}, "
+        f"{args.threads} thread(s); train/val/test 60/20/20",
         flush=True,
     )
     result = digits_path(
@@ -353,7 +328,7 @@ def _run_path(args: argparse.Namespace, out: Path) -> None:
             best=result.best.strength,
             xlabel=args.reg,
             path=out / "path.png",
-            title=f"ProxSGD {args.reg} path on digits ({'cold' if args.cold else 'warm'} starts)",
+            title=f"ProxSGD {args.reg} path on digits ({start} starts)",
         )
         fig.clear()
         written.append(out / "path.png")

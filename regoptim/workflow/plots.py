@@ -39,7 +39,7 @@ def _figure(**kwargs: Any) -> Figure:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError(
-            "regoptim.plots needs matplotlib, which is an optional extra: "
+            "regoptim.workflow.plots needs matplotlib, which is an optional extra: "
             "pip install 'regoptim[plots]'"
         ) from exc
     return Figure(**kwargs)
