@@ -57,6 +57,7 @@ class GroupPlan:
     wide: bool  # a part of a group has 2**31 - MAX_BLOCK elements or more: int64 indexing
     num_warps: int
     writeback: list[tuple[Tensor, Tensor]]  # (original, contiguous copy)
+    copies: list[Tensor]  # every copy the tables point to, alive until the launch is queued
 
     def finish(self) -> None:
         for orig, copy in self.writeback:
@@ -129,6 +130,7 @@ def group_plan(
     outers: list[int] = []
     inners: list[int] = []
     writeback: list[tuple[Tensor, Tensor]] = []
+    copies: list[Tensor] = []
     for i, p in enumerate(lists[0]):
         if p.numel() == 0:
             continue
@@ -143,6 +145,7 @@ def group_plan(
                 t = lst[i]
                 if not t.is_contiguous() or t.is_neg():
                     c = t.resolve_neg().contiguous()
+                    copies.append(c)
                     if mutated[k]:
                         writeback.append((t, c))
                     lst[i] = c
@@ -177,4 +180,5 @@ def group_plan(
         wide=biggest >= WIDE_FROM,
         num_warps=max(1, min(4, block // 128)),
         writeback=writeback,
+        copies=copies,
     )

@@ -45,6 +45,7 @@ from ._jit import (
     one_minus_pow,
     soft_threshold,
     tensor_ptr,
+    to_storage,
 )
 
 __all__ = ["fused_group_adam_"]
@@ -147,22 +148,22 @@ def _group_adam_kernel(
                     g = g + weight_decay * p
             m = m + one_minus_beta1 * (g - m)
             v = beta2 * v + one_minus_beta2 * g * g
-            tl.store(m_base + offs, m.to(DTYPE), mask=mask)
-            tl.store(v_base + offs, v.to(DTYPE), mask=mask)
+            tl.store(m_base + offs, to_storage(m, DTYPE), mask=mask)
+            tl.store(v_base + offs, to_storage(v, DTYPE), mask=mask)
             if AMSGRAD:
                 vmax_ptrs = tensor_ptr(max_exp_avg_sq_ptrs, j, DTYPE, False) + offs
                 vmax = tl.load(vmax_ptrs, mask=mask, other=0.0).to(tl.float32)
                 vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-                tl.store(vmax_ptrs, vmax.to(DTYPE), mask=mask)
+                tl.store(vmax_ptrs, to_storage(vmax, DTYPE), mask=mask)
                 v = vmax
             d = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
             p = p - tl.div_rn(lr, bias_correction1) * tl.div_rn(m, d)
             if HAS_L1:
                 p = soft_threshold(p, tl.div_rn(lr * l1, d))
-            z = p.to(DTYPE)
+            z = to_storage(p, DTYPE)
             tl.store(p_base + offs, z, mask=mask)
             z = z.to(tl.float32)
-            d = tl.div_rn(tl.sqrt_rn(v.to(DTYPE).to(tl.float32)), bc2_sqrt) + eps
+            d = tl.div_rn(tl.sqrt_rn(to_storage(v, DTYPE).to(tl.float32)), bc2_sqrt) + eps
             a = d * z
             a2 += tl.where(mask, a * a, 0.0)
             z2 += tl.where(mask, z * z, 0.0)
@@ -220,7 +221,7 @@ def _group_adam_kernel(
             z, d = _load_zd(p_base, v_base, offs, mask, bc2_sqrt, eps)
             dr = d * rho
             x = z * tl.where(rho == 0.0, 0.0, dr / (dr + c))
-            tl.store(p_base + offs, x.to(DTYPE), mask=mask)
+            tl.store(p_base + offs, to_storage(x, DTYPE), mask=mask)
 
 
 def _launch_group_adam(

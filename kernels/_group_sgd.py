@@ -33,6 +33,7 @@ from ._jit import (
     load_scalar,
     soft_threshold,
     tensor_ptr,
+    to_storage,
 )
 
 __all__ = ["fused_group_sgd_"]
@@ -100,14 +101,14 @@ def _group_sgd_kernel(
                 else:
                     b_old = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
                     b = momentum * b_old + (1.0 - dampening) * g
-                tl.store(b_ptrs, b.to(DTYPE), mask=mask)
+                tl.store(b_ptrs, to_storage(b, DTYPE), mask=mask)
                 g = g + momentum * b if NESTEROV else b
             if HAS_WD and DECOUPLED:
                 p = p * (1.0 - lr * weight_decay)
             p = p - lr * g
             if HAS_L1:
                 p = soft_threshold(p, lr * l1)
-            z = p.to(DTYPE)
+            z = to_storage(p, DTYPE)
             tl.store(p_base + offs, z, mask=mask)
             z = z.to(tl.float32)
             sumsq += tl.where(mask, z * z, 0.0)
@@ -124,7 +125,7 @@ def _group_sgd_kernel(
         for start in range(0, count, BLOCK):
             offs, mask = group_offsets(start, lanes, count, inner, slice_stride, first)
             x = tl.load(p_base + offs, mask=mask, other=0.0).to(tl.float32) * scale
-            tl.store(p_base + offs, x.to(DTYPE), mask=mask)
+            tl.store(p_base + offs, to_storage(x, DTYPE), mask=mask)
 
 
 def _launch_group_sgd(

@@ -21,6 +21,7 @@ __all__ = [
     "complex_shrink",
     "group_offsets",
     "group_part",
+    "to_storage",
     "block_max",
     "block_min",
     "block_sum",
@@ -286,3 +287,36 @@ def block_min(x):
 def block_max(x):
     """Maximum of a 1-D block (NaN ignored where another value is present)."""
     return tl.reduce(x, 0, _max_combine)
+
+
+class _PerVariant(DualJIT):
+    """A helper whose compiled and interpreted variants have different bodies."""
+
+    def __init__(self, compiled: types.FunctionType, interpreted: types.FunctionType) -> None:
+        super().__init__(compiled)
+        self.interpreted = DualJIT(interpreted)
+
+    def variant(self, interpret: bool) -> Any:
+        if interpret:
+            return self.interpreted.variant(True)
+        return super().variant(False)
+
+
+def _to_storage_compiled(x, DTYPE: tl.constexpr):
+    return x.to(DTYPE)  # cvt.rn: round to nearest even
+
+
+def _to_storage_interpreted(x, DTYPE: tl.constexpr):
+    # Triton 3.9's interpreter truncates float32 -> bfloat16 (toward zero), a GPU rounds to
+    # nearest even: round the float32 bits here first (exactly representable afterwards, so the
+    # truncation is exact); NaN kept as it is
+    if tl.bfloat16 == DTYPE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(DTYPE)
+
+
+# ``x`` (float32) in the storage dtype, rounded to nearest even on both variants (what the
+# compiled kernels do; the interpreter's own float32 -> bfloat16 conversion truncates)
+to_storage = _PerVariant(_to_storage_compiled, _to_storage_interpreted)
