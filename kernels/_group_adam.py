@@ -177,9 +177,12 @@ def _group_adam_kernel(
     d_min = block_min(d_lo)
     d_max = block_max(d_hi)
     alive = norm_a > c  # False for NaN: rho = 0 and x = z * 0 keeps the NaN
+    # a dead group's bracket is never used (and may have no element: d_max = 0)
+    d_min = tl.where(alive, d_min, 1.0)
+    d_max = tl.where(alive, d_max, 1.0)
     lo = tl.maximum(tl.maximum(hi - c / d_min, 0.0), (norm_a - c) / d_max)
     hi = tl.minimum(hi, (norm_a - c) / d_min)
-    lo = tl.where(alive, lo, 0.0)  # a dead group may have made a 0/0 here
+    lo = tl.where(alive, lo, 0.0)
     rho = lo
     it = 0
     go = alive
@@ -220,7 +223,7 @@ def _group_adam_kernel(
             offs, mask = group_offsets(start, lanes, count, inner, slice_stride, first)
             z, d = _load_zd(p_base, v_base, offs, mask, bc2_sqrt, eps)
             dr = d * rho
-            x = z * tl.where(rho == 0.0, 0.0, dr / (dr + c))
+            x = z * tl.where(rho == 0.0, 0.0, dr / tl.where(rho == 0.0, 1.0, dr + c))
             tl.store(p_base + offs, to_storage(x, DTYPE), mask=mask)
 
 

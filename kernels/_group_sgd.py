@@ -114,10 +114,11 @@ def _group_sgd_kernel(
             sumsq += tl.where(mask, z * z, 0.0)
     # every thread's writes of pass 1 visible to every thread of the program
     tl.debug_barrier()
-    # 2. block soft-thresholding: 1 - c/0 = -inf -> 0 (a zero group stays 0, also when c = 0)
+    # 2. block soft-thresholding; a zero group stays 0 (also when c = 0: no 0/0)
     norm = tl.sqrt_rn(block_sum(sumsq))
-    scale = tl.maximum(1.0 - (lr * group_l1) / norm, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    scale = tl.where(norm == 0.0, 0.0, scale)
+    zero = norm == 0.0  # False for NaN, which propagates
+    scale = 1.0 - (lr * group_l1) / tl.where(zero, 1.0, norm)
+    scale = tl.where(zero, 0.0, tl.maximum(scale, 0.0, propagate_nan=tl.PropagateNan.ALL))
     # 3. scale the group's part of every tensor
     for j in range(0, n_t):
         count, inner, slice_stride, first = group_part(outers, inners, j, group, n_groups, WIDE)

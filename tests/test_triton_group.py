@@ -610,3 +610,72 @@ def test_empty_and_groupless(device):
     # one Adam step moves each entry by lr: 1 - 0.01, then the (weak) group prox
     assert torch.allclose(params[1], torch.full_like(params[1], 0.99), atol=1e-3)
     assert (params[1] < 0.99).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# the compiled variant: the exact launches made on CPU compile to a cubin for an H100 (sm_90)
+# ------------------------------------------------------------------------------------------------
+
+
+def _compile_step(family: str, dtype: torch.dtype, flags: dict[str, Any]) -> Any:
+    shapes, axes = LAYOUTS["conv_in_channels+bn"]
+    lasso = GroupLasso(2.0, tuple(axes))
+
+    def step() -> None:
+        params = [torch.randn(s).to(dtype) for s in shapes]
+        grads = [torch.randn_like(p) for p in params]
+        amp = dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+        if not flags.get("amp", True):
+            amp = dict(grad_scale=None, found_inf=None)
+        lr = torch.tensor(0.1) if flags.get("lr_tensor", True) else 0.1
+        if family == "sgd":
+            rec = SgdHyper(lr, 0.1, 0.9, 0.0, True, True, flags.get("decoupled", False), 0.05)
+            bufs = [torch.zeros_like(p) for p in params]
+            fused_group_sgd_(params, grads, bufs, rec, lasso, is_first_step=False, **amp)
+        else:
+            ams = flags.get("amsgrad", True)
+            rec = AdamHyper(
+                lr, 0.9, 0.999, 1e-8, 0.1, flags.get("decoupled", False), ams, True, 0.5
+            )
+            fused_group_adam_(params, grads, **_adam_state(params, ams), hyper=rec, lasso=lasso,
+                              **amp)  # fmt: skip
+
+    return step
+
+
+COMPILE_CASES = {
+    "sgd-all-bf16": ("sgd", torch.bfloat16, {}),
+    "sgd-decoupled-fp32-wide": ("sgd", torch.float32, {"decoupled": True, "wide": True}),
+    "adam-amsgrad-all-fp16": ("adam", torch.float16, {}),
+    "adamw-fp32-noamp": (
+        "adam", torch.float32, {"amsgrad": False, "decoupled": True, "amp": False,
+                                "lr_tensor": False},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", COMPILE_CASES.values(), ids=COMPILE_CASES.keys())
+def test_compiled_variant_builds_for_sm90(case, monkeypatch):
+    """Without a GPU: Triton's NVIDIA backend lowers the real launch (loops over the tensor
+    table, the Newton while-loop, the reductions) to PTX and a cubin, after interpreted runs in
+    this process (which must leave triton.language unpatched)."""
+    from test_kernels import _capture_launch, _compile_for_sm90, _ptxas_missing
+
+    if _ptxas_missing() is not None:
+        pytest.skip(str(_ptxas_missing()))
+    from regoptim._kernels import _group, _group_adam, _group_sgd
+
+    family, dtype, flags = case
+    if flags.get("wide"):
+        monkeypatch.setattr(_group, "WIDE_FROM", 0)
+    dual = _group_sgd._group_sgd_kernel if family == "sgd" else _group_adam._group_adam_kernel
+    args, kwargs = _capture_launch(dual, _compile_step(family, dtype, flags))
+    assert kwargs["WIDE"] == bool(flags.get("wide"))
+    compiled = _compile_for_sm90(dual, args, kwargs)
+    assert compiled.asm["cubin"]
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_90" in ptx
+    assert "local" not in ptx.split(".entry", 1)[1]  # no spills to local memory
+    # the per-element group index division is 32-bit unless WIDE
+    assert ("div.s64" in ptx or "__divdi3" in ptx) == bool(flags.get("wide")), ptx.count("div.")
