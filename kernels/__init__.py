@@ -122,7 +122,7 @@ def fused_group_sgd_(
 ) -> None:
     """One ProxSGD step with group lasso (``lasso.group_l1 > 0``) over all params of one param
     group, in one launch: the step of :func:`fused_prox_sgd_`, then
-    ``x_g <- x_g * max(0, 1 - lr * group_l1 / ||x_g||)`` per group (``regoptim.group_prox``).
+    ``x_g <- x_g * max(0, 1 - lr * group_l1 / ||x_g||)`` per group (``regoptim.regularizers.group_lasso``).
 
     ``params``: every param of the param group, each with its grad, on one device, one dtype
     (float32, bfloat16, float16); ``lasso.axes`` normalised, every param the same size along its
@@ -157,7 +157,7 @@ def fused_group_adam_(
 ) -> None:
     """One ProxAdam/ProxAdamW step with group lasso (``lasso.group_l1 > 0``) over all params of
     one param group, in one launch: the step of :func:`fused_prox_adam_`, then the group prox in
-    Adam's metric ``diag(d)``, ``d`` the step's own denominator (``regoptim.group_prox``).
+    Adam's metric ``diag(d)``, ``d`` the step's own denominator (``regoptim.regularizers.group_lasso``).
 
     Preconditions as :func:`fused_group_sgd_`; ``state_steps`` float32 0-d tensors on the device,
     incremented here (not when ``found_inf`` is set); ``max_exp_avg_sqs`` only under amsgrad.

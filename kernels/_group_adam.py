@@ -3,7 +3,7 @@
 Program ``i`` owns group ``i`` (slice ``i`` along its axis of every tensor, ``_group`` tables it).
 With ``c = lr * group_l1`` and ``d = sqrt(v) / sqrt(1 - beta2^t) + eps`` each element's
 denominator (``v``: the stored second moment, its running max under amsgrad; ``t`` the tensor's
-incremented step), the prox in the metric ``diag(d)`` (``regoptim.group_prox``):
+incremented step), the prox in the metric ``diag(d)`` (``regoptim.regularizers.group_lasso``):
 
 1. for each tensor, for each block of the group's part: the elementwise step of ``_adam`` (moments,
    preconditioned step, L1 prox in Adam's metric), storing ``m``, ``v`` (, ``vmax``) and
@@ -11,8 +11,8 @@ incremented step), the prox in the metric ``diag(d)`` (``regoptim.group_prox``):
    them back: ``||d z||^2``, ``||z||^2``, ``min d``, ``max d`` (float32);
 2. the group is exactly zero iff ``||d z|| <= c``; else ``rho``, the root of
    ``h(rho) = sum (d z / (d rho + c))^2 = 1``, by Newton's method on ``h^(-1/2) - 1`` inside the
-   bisection bracket of ``group_prox._solve_rho``, from its left end (a proven lower bound), to 4
-   float32 ulps or ``group_prox.MAX_ITERS`` iterations; each iteration re-reads ``z`` and ``v``
+   bisection bracket of ``group_lasso._solve_rho``, from its left end (a proven lower bound), to 4
+   float32 ulps or ``group_lasso.MAX_ITERS`` iterations; each iteration re-reads ``z`` and ``v``
    (its own writes, from L2 on a GPU) to sum ``h`` and ``-h'/2``;
 3. for each tensor, ``x = z * d rho / (d rho + c)`` (``x = z * 0`` for a zero group: NaN stays).
 
@@ -29,8 +29,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from regoptim.group_prox import MAX_ITERS
 from regoptim.hyper import AdamHyper, GroupLasso
+from regoptim.regularizers.group_lasso import MAX_ITERS
 
 from ._common import check_lists, log_beta, lr_args, scalar_arg, triton_dtype
 from ._group import check_group_axes, group_plan, reject_complex
