@@ -6,8 +6,12 @@ pass over memory. They run compiled on CUDA tensors, or on CPU tensors
 in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before this package's kernels are first
 used (that is how CI validates them).
 
+Group lasso (``group_l1 > 0``) has its own kernels, one launch per param group and step: one
+program per group updates its slices in every tensor, reduces the group's norm and applies the
+group prox (:func:`fused_group_sgd_`, :func:`fused_group_adam_`).
+
 This module imports without triton; :func:`available` says whether the kernels can run, and the
-two step functions import the kernels on first use.
+step functions import the kernels on first use.
 """
 
 from __future__ import annotations
@@ -16,9 +20,15 @@ import os
 
 from torch import Tensor
 
-from regoptim.hyper import AdamHyper, SgdHyper
+from regoptim.hyper import AdamHyper, GroupLasso, SgdHyper
 
-__all__ = ["available", "fused_prox_adam_", "fused_prox_sgd_"]
+__all__ = [
+    "available",
+    "fused_group_adam_",
+    "fused_group_sgd_",
+    "fused_prox_adam_",
+    "fused_prox_sgd_",
+]
 
 
 def available() -> str | None:
@@ -94,6 +104,75 @@ def fused_prox_adam_(
         max_exp_avg_sqs,
         state_steps,
         hyper,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def fused_group_sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    hyper: SgdHyper,
+    lasso: GroupLasso,
+    *,
+    is_first_step: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One ProxSGD step with group lasso (``lasso.group_l1 > 0``) over all params of one param
+    group, in one launch: the step of :func:`fused_prox_sgd_`, then
+    ``x_g <- x_g * max(0, 1 - lr * group_l1 / ||x_g||)`` per group (``regoptim.regularizers.group_lasso``).
+
+    ``params``: every param of the param group, each with its grad, on one device, one dtype
+    (float32, bfloat16, float16); ``lasso.axes`` normalised, every param the same size along its
+    axis. ``momentum_buffers`` and the AMP arguments as for :func:`fused_prox_sgd_`.
+    """
+    from ._group_sgd import fused_group_sgd_ as impl
+
+    impl(
+        params,
+        grads,
+        momentum_buffers,
+        hyper,
+        lasso,
+        is_first_step=is_first_step,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def fused_group_adam_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    state_steps: list[Tensor],
+    hyper: AdamHyper,
+    lasso: GroupLasso,
+    *,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One ProxAdam/ProxAdamW step with group lasso (``lasso.group_l1 > 0``) over all params of
+    one param group, in one launch: the step of :func:`fused_prox_adam_`, then the group prox in
+    Adam's metric ``diag(d)``, ``d`` the step's own denominator (``regoptim.regularizers.group_lasso``).
+
+    Preconditions as :func:`fused_group_sgd_`; ``state_steps`` float32 0-d tensors on the device,
+    incremented here (not when ``found_inf`` is set); ``max_exp_avg_sqs`` only under amsgrad.
+    """
+    from ._group_adam import fused_group_adam_ as impl
+
+    impl(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        state_steps,
+        hyper,
+        lasso,
         grad_scale=grad_scale,
         found_inf=found_inf,
     )

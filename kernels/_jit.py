@@ -19,6 +19,12 @@ __all__ = [
     "block_offsets",
     "dual_jit",
     "complex_shrink",
+    "group_offsets",
+    "group_part",
+    "to_storage",
+    "block_max",
+    "block_min",
+    "block_sum",
     "load_scalar",
     "one_minus_pow",
     "pair_mean",
@@ -190,3 +196,127 @@ def one_minus_pow(log_beta, step):
     )
     direct = 1.0 - tl.exp(tl.minimum(y, -0.1))
     return tl.where(y > -0.1, taylor, direct)
+
+
+@dual_jit
+def group_part(outers, inners, j, group, n_groups, WIDE: tl.constexpr):
+    """``(count, inner, slice_stride, first)`` of group ``group``'s part of tensor ``j``.
+
+    Tensor ``j``, addressed flat, is ``(outer, n_groups, inner)`` (``outers``/``inners``: int64
+    tables); the group's part is its ``count = outer * inner`` elements
+    ``o * slice_stride + first + k`` (``o < outer``, ``k < inner``,
+    ``slice_stride = n_groups * inner``, ``first = group * inner``, both int64, ``group`` int64):
+    rows (``outer = 1``), columns (``inner = 1``) and conv filters alike. ``count`` and ``inner``
+    are int32 unless ``WIDE`` (the launcher checked every part's count + BLOCK fits in int32), so
+    the per-element division in :func:`group_offsets` is 32-bit (int64 division is a long
+    software sequence on GPUs).
+    """
+    inner = tl.load(inners + j)
+    count = tl.load(outers + j) * inner
+    slice_stride = n_groups * inner
+    first = group * inner
+    if not WIDE:
+        inner = inner.to(tl.int32)
+        count = count.to(tl.int32)
+    return count, inner, slice_stride, first
+
+
+@dual_jit
+def group_offsets(start, lanes, count, inner, slice_stride, first):
+    """(int64 offsets, mask) of elements ``start + lanes`` of a group's part of one tensor
+    (:func:`group_part`); the offsets are int64 whatever the index type."""
+    e = start + lanes
+    mask = e < count
+    o = e // inner
+    return o.to(tl.int64) * slice_stride + first + (e - o * inner), mask
+
+
+# Reductions, without tl.standard: ``tl.sum``, ``tl.zeros`` and the other tl.standard helpers
+# are ``triton.jit`` functions, interpreted for the whole process when TRITON_INTERPRET=1 was set
+# at import (then no kernel calling them compiles for CUDA), and Triton 3.9's interpreter patches
+# triton.language.core for each such nested call without restoring it (every later compilation in
+# the process fails). So blocks are reduced with ``tl.reduce`` (a builtin) and a combine function
+# that is our own JITFunction when compiled and tl.standard's when interpreted: the interpreter
+# recognises tl.standard's combine functions and reduces with numpy (sum, nanmin, nanmax) without
+# calling them.
+
+
+class _Combine(DualJIT):
+    """A combine function for ``tl.reduce``: ``fn`` compiled, ``tl.standard.<name>`` interpreted."""
+
+    def __init__(self, fn: types.FunctionType, standard: str) -> None:
+        super().__init__(fn)
+        self.standard = standard
+
+    def variant(self, interpret: bool) -> Any:
+        if interpret:
+            return getattr(tl.standard, self.standard)
+        return super().variant(False)
+
+
+def _add(a, b):
+    return a + b
+
+
+def _min(a, b):
+    return tl.minimum(a, b)
+
+
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+_add_combine = _Combine(_add, "_sum_combine")
+_min_combine = _Combine(_min, "_elementwise_min")
+_max_combine = _Combine(_max, "_elementwise_max")
+
+
+@dual_jit
+def block_sum(x):
+    """Sum of a 1-D block (a tree reduction, in the block's dtype)."""
+    return tl.reduce(x, 0, _add_combine)
+
+
+@dual_jit
+def block_min(x):
+    """Minimum of a 1-D block (NaN ignored where another value is present)."""
+    return tl.reduce(x, 0, _min_combine)
+
+
+@dual_jit
+def block_max(x):
+    """Maximum of a 1-D block (NaN ignored where another value is present)."""
+    return tl.reduce(x, 0, _max_combine)
+
+
+class _PerVariant(DualJIT):
+    """A helper whose compiled and interpreted variants have different bodies."""
+
+    def __init__(self, compiled: types.FunctionType, interpreted: types.FunctionType) -> None:
+        super().__init__(compiled)
+        self.interpreted = DualJIT(interpreted)
+
+    def variant(self, interpret: bool) -> Any:
+        if interpret:
+            return self.interpreted.variant(True)
+        return super().variant(False)
+
+
+def _to_storage_compiled(x, DTYPE: tl.constexpr):
+    return x.to(DTYPE)  # cvt.rn: round to nearest even
+
+
+def _to_storage_interpreted(x, DTYPE: tl.constexpr):
+    # Triton 3.9's interpreter truncates float32 -> bfloat16 (toward zero), a GPU rounds to
+    # nearest even: round the float32 bits here first (exactly representable afterwards, so the
+    # truncation is exact); NaN kept as it is
+    if tl.bfloat16 == DTYPE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(DTYPE)
+
+
+# ``x`` (float32) in the storage dtype, rounded to nearest even on both variants (what the
+# compiled kernels do; the interpreter's own float32 -> bfloat16 conversion truncates)
+to_storage = _PerVariant(_to_storage_compiled, _to_storage_interpreted)
