@@ -112,6 +112,24 @@ def test_step_matches_reference(info, config, dtype, impl, monkeypatch):
         assert set(backends) == {"triton" if impl == "fused-triton" else "cpu"}, backends
 
 
+@pytest.mark.parametrize("impl", [*IMPLS, "fused-cpu", "fused-triton"])
+@pytest.mark.parametrize("info", [SGD, ADAM], ids=lambda i: i.name)
+def test_zero_lr_leaves_every_group_as_it_is(info, impl, monkeypatch):
+    """lr = 0 (a schedule's first or last step) is no step and a threshold of 0: a zero group
+    stays exactly zero (no 0/0), every other value stays as it was."""
+    flags = dict(IMPLS.get(impl, {"fused": True}))
+    if impl.startswith("fused"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if impl == "fused-triton" else "0")
+    params = _params(torch.float32)
+    before = [p.detach().clone() for p in params]
+    opt = info.cls([{"params": params, "group_l1": 1.0, "group_axes": AXES}], lr=0.0, **flags)
+    for p, g in zip(params, _grads(params, 0), strict=True):
+        p.grad = g.float()
+    opt.step()
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p.detach(), b)
+
+
 def _recording(fn, calls):
     def wrapped(*args, **kwargs):
         out = fn(*args, **kwargs)

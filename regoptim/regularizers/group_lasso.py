@@ -145,6 +145,8 @@ def group_soft_threshold_(
     norm = sq.sqrt()  # type: ignore[union-attr]
     # 1 - t/0 = -inf -> 0: a zero group stays zero
     scale = (1 - on_device(threshold, norm.device) / norm).clamp_min(0)
+    # a zero group stays zero at threshold 0 too (lr = 0: 0/0), while a NaN norm keeps NaN
+    scale = torch.where(norm == 0, 0.0, scale)
     for t, s, a in zip(tensors, src, axes, strict=True):
         if differentiable:
             t.copy_(s * _along(scale, t, a))
@@ -194,7 +196,8 @@ def group_prox_diag_(
         alive = torch.linalg.vector_norm(a, dim=1) > c  # else the group is exactly zero
         rho = _solve_rho(a, d, c, alive, torch.linalg.vector_norm(z, dim=1), host_checks)
         dr = d * rho[:, None]
-        x = z * (dr / (dr + c))  # rho = 0: an exact zero group
+        # rho = 0: an exact zero group (and no 0/0 when c = 0 too, lr = 0)
+        x = z * torch.where(dr > 0, dr / (dr + c), 0.0)
         start = 0
         for m, k in zip(moved, sizes, strict=True):
             block = m[r0:r1]
