@@ -1,14 +1,9 @@
 """The ProxAdam/ProxAdamW family in one Triton kernel, launched at most twice per group.
 
-Per element, in float32 registers (``g`` unscaled and negated first where asked; ``step`` already
-incremented, read from its device tensor):
-
-1. weight decay: ``p *= 1 - lr * wd`` (decoupled) or ``g += wd * p`` (coupled)
-2. ``m = m + (1 - b1) * (g - m)``, ``v = b2 * v + (1 - b2) * g * g``; amsgrad:
-   ``vmax = max(vmax, v)`` and ``v`` below is ``vmax``
-3. ``d = sqrt(v) / sqrt(1 - b2**step) + eps``; ``p -= lr / (1 - b1**step) * m / d``
-4. proximal L1 in Adam's metric: ``p = soft_threshold(p, lr * l1 / d)`` (complex params: modulus
-   shrink with the mean of the two components' ``d``)
+Per element, in float32 registers: ``_update.adam_update`` (unscale and maximize, weight decay,
+the moments, amsgrad's max, the preconditioned step, the L1 prox in Adam's metric), shared with
+the group-lasso kernel; ``step`` (already incremented) is read from its device tensor for the bias
+corrections.
 
 ``p``, ``m``, ``v`` (and ``vmax``) are read once and written once, in the param dtype.
 """
@@ -34,16 +29,8 @@ from ._common import (
     scalar_arg,
     triton_dtype,
 )
-from ._jit import (
-    block_offsets,
-    complex_shrink,
-    dual_jit,
-    load_scalar,
-    one_minus_pow,
-    pair_mean,
-    soft_threshold,
-    tensor_ptr,
-)
+from ._jit import block_offsets, dual_jit, load_scalar, one_minus_pow, tensor_ptr
+from ._update import adam_update
 
 __all__ = ["fused_prox_adam_"]
 
@@ -104,36 +91,39 @@ def _prox_adam_kernel(
     )
     m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        g = g / load_scalar(grad_scale_ptr)
-    if MAXIMIZE:
-        g = -g
-    # 1. weight decay, before the moments (as torch.optim.Adam/AdamW)
-    if HAS_WD:
-        if DECOUPLED:
-            p = p * (1.0 - lr * weight_decay)
-        else:
-            g = g + weight_decay * p
-    # 2. moments (m: torch's lerp form)
-    m = m + one_minus_beta1 * (g - m)
-    v = beta2 * v + one_minus_beta2 * g * g
-    tl.store(m_ptrs, m.to(DTYPE), mask=mask)
-    tl.store(v_ptrs, v.to(DTYPE), mask=mask)
+    vmax = v  # not read without amsgrad
     if AMSGRAD:
         vmax_ptrs = tensor_ptr(max_exp_avg_sq_ptrs, t, DTYPE, ALIGNED) + offs
         vmax = tl.load(vmax_ptrs, mask=mask, other=0.0).to(tl.float32)
-        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+    p, m, v, vmax = adam_update(
+        p,
+        g,
+        m,
+        v,
+        vmax,
+        lr,
+        beta2,
+        one_minus_beta1,
+        one_minus_beta2,
+        bias_correction1,
+        bias_correction2_sqrt,
+        eps,
+        weight_decay,
+        l1,
+        grad_scale_ptr,
+        BLOCK,
+        MAXIMIZE,
+        HAS_WD,
+        DECOUPLED,
+        AMSGRAD,
+        HAS_L1,
+        COMPLEX,
+        HAS_GRAD_SCALE,
+    )
+    tl.store(m_ptrs, m.to(DTYPE), mask=mask)
+    tl.store(v_ptrs, v.to(DTYPE), mask=mask)
+    if AMSGRAD:
         tl.store(vmax_ptrs, vmax.to(DTYPE), mask=mask)
-        v = vmax
-    # 3. the preconditioned step
-    d = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    p = p - tl.div_rn(lr, bias_correction1) * tl.div_rn(m, d)
-    # 4. proximal L1 in Adam's metric
-    if HAS_L1:
-        if COMPLEX:
-            p = complex_shrink(p, tl.div_rn(lr * l1, pair_mean(d, BLOCK)), BLOCK)
-        else:
-            p = soft_threshold(p, tl.div_rn(lr * l1, d))
     tl.store(p_ptrs, p.to(DTYPE), mask=mask)
 
 

@@ -60,7 +60,7 @@ class DualJIT:
 
             fn = self.fn
             scope = dict(fn.__globals__)
-            for name in _global_names(fn.__code__):  # only what it calls: helpers call no helper
+            for name in _global_names(fn.__code__):  # what it calls (each variant: its own)
                 if isinstance(scope.get(name), DualJIT):
                     scope[name] = scope[name].variant(interpret)
             copy = types.FunctionType(

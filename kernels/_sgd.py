@@ -1,13 +1,7 @@
 """The ProxSGD family in one Triton kernel, launched at most twice per group.
 
-Per element, in float32 registers (``g`` unscaled and negated first where asked):
-
-1. coupled L2: ``g += wd * p``
-2. momentum: ``b = g`` (first step) or ``b = mu * b + (1 - dampening) * g``;
-   ``g = g + mu * b`` (nesterov) or ``g = b``
-3. decoupled decay: ``p *= 1 - lr * wd``
-4. ``p -= lr * g``
-5. proximal L1: ``p = soft_threshold(p, lr * l1)`` (modulus shrink for complex params)
+Per element, in float32 registers: ``_update.sgd_update`` (unscale and maximize, coupled L2,
+momentum, decoupled decay, the step, the L1 prox), shared with the group-lasso kernel.
 
 ``p`` and ``b`` are read once and written once, in the param dtype.
 """
@@ -32,14 +26,8 @@ from ._common import (
     scalar_arg,
     triton_dtype,
 )
-from ._jit import (
-    block_offsets,
-    complex_shrink,
-    dual_jit,
-    load_scalar,
-    soft_threshold,
-    tensor_ptr,
-)
+from ._jit import block_offsets, dual_jit, load_scalar, tensor_ptr
+from ._update import sgd_update
 
 __all__ = ["fused_prox_sgd_"]
 
@@ -87,31 +75,34 @@ def _prox_sgd_kernel(
     g = tl.load(tensor_ptr(grad_ptrs, t, DTYPE, ALIGNED) + offs, mask=mask, other=0.0).to(
         tl.float32
     )
-    if HAS_GRAD_SCALE:
-        g = g / load_scalar(grad_scale_ptr)
-    if MAXIMIZE:
-        g = -g
-    # 1. coupled L2
-    if HAS_WD and not DECOUPLED:
-        g = g + weight_decay * p
-    # 2. momentum (torch's recurrence; the buffer is stored in the param dtype)
+    b = g  # the buffer is not read on the first step (nor without momentum)
     if HAS_MOMENTUM:
         b_ptrs = tensor_ptr(buf_ptrs, t, DTYPE, ALIGNED) + offs
-        if FIRST_STEP:
-            b = g
-        else:
-            b_old = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
-            b = momentum * b_old + (1.0 - dampening) * g
+        if not FIRST_STEP:
+            b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+    p, b = sgd_update(
+        p,
+        g,
+        b,
+        lr,
+        weight_decay,
+        momentum,
+        dampening,
+        l1,
+        grad_scale_ptr,
+        BLOCK,
+        MAXIMIZE,
+        HAS_WD,
+        DECOUPLED,
+        HAS_MOMENTUM,
+        FIRST_STEP,
+        NESTEROV,
+        HAS_L1,
+        COMPLEX,
+        HAS_GRAD_SCALE,
+    )
+    if HAS_MOMENTUM:
         tl.store(b_ptrs, b.to(DTYPE), mask=mask)
-        g = g + momentum * b if NESTEROV else b
-    # 3. decoupled decay
-    if HAS_WD and DECOUPLED:
-        p = p * (1.0 - lr * weight_decay)
-    # 4. gradient step
-    p = p - lr * g
-    # 5. proximal L1
-    if HAS_L1:
-        p = complex_shrink(p, lr * l1, BLOCK) if COMPLEX else soft_threshold(p, lr * l1)
     tl.store(p_ptrs, p.to(DTYPE), mask=mask)
 
 
