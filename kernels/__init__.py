@@ -8,7 +8,8 @@ used (that is how CI validates them).
 
 Group lasso (``group_l1 > 0``) has its own kernels, one launch per param group and step: one
 program per group updates its slices in every tensor, reduces the group's norm and applies the
-group prox (:func:`fused_group_sgd_`, :func:`fused_group_adam_`).
+group prox (:func:`fused_group_sgd_`, :func:`fused_group_adam_`). Both kinds call the family's
+per-element update from ``_update`` (one ``@triton.jit`` device function per family).
 
 This module imports without triton; :func:`available` says whether the kernels can run, and the
 step functions import the kernels on first use.

@@ -5,8 +5,9 @@ With ``c = lr * group_l1`` and ``d = sqrt(v) / sqrt(1 - beta2^t) + eps`` each el
 denominator (``v``: the stored second moment, its running max under amsgrad; ``t`` the tensor's
 incremented step), the prox in the metric ``diag(d)`` (``regoptim.regularizers.group_lasso``):
 
-1. for each tensor, for each block of the group's part: the elementwise step of ``_adam`` (moments,
-   preconditioned step, L1 prox in Adam's metric), storing ``m``, ``v`` (, ``vmax``) and
+1. for each tensor, for each block of the group's part: the elementwise step,
+   ``_update.adam_update`` as ``_adam`` (moments, preconditioned step, L1 prox in Adam's
+   metric), storing ``m``, ``v`` (, ``vmax``) and
    ``z = p`` in the param dtype; from the stored (rounded) ``z`` and ``v``, as the eager prox reads
    them back: ``||d z||^2``, ``||z||^2``, ``min d``, ``max d`` (float32);
 2. the group is exactly zero iff ``||d z|| <= c``; else ``rho``, the root of
@@ -43,10 +44,10 @@ from ._jit import (
     group_part,
     load_scalar,
     one_minus_pow,
-    soft_threshold,
     tensor_ptr,
     to_storage,
 )
+from ._update import adam_update
 
 __all__ = ["fused_group_adam_"]
 
@@ -137,33 +138,44 @@ def _group_adam_kernel(
             g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(m_base + offs, mask=mask, other=0.0).to(tl.float32)
             v = tl.load(v_base + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_GRAD_SCALE:
-                g = g / load_scalar(grad_scale_ptr)
-            if MAXIMIZE:
-                g = -g
-            if HAS_WD:
-                if DECOUPLED:
-                    p = p * (1.0 - lr * weight_decay)
-                else:
-                    g = g + weight_decay * p
-            m = m + one_minus_beta1 * (g - m)
-            v = beta2 * v + one_minus_beta2 * g * g
-            tl.store(m_base + offs, to_storage(m, DTYPE), mask=mask)
-            tl.store(v_base + offs, to_storage(v, DTYPE), mask=mask)
+            vmax = v  # not read without amsgrad
             if AMSGRAD:
                 vmax_ptrs = tensor_ptr(max_exp_avg_sq_ptrs, j, DTYPE, False) + offs
                 vmax = tl.load(vmax_ptrs, mask=mask, other=0.0).to(tl.float32)
-                vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+            p, m, v, vmax = adam_update(
+                p,
+                g,
+                m,
+                v,
+                vmax,
+                lr,
+                beta2,
+                one_minus_beta1,
+                one_minus_beta2,
+                bias_correction1,
+                bc2_sqrt,
+                eps,
+                weight_decay,
+                l1,
+                grad_scale_ptr,
+                BLOCK,
+                MAXIMIZE,
+                HAS_WD,
+                DECOUPLED,
+                AMSGRAD,
+                HAS_L1,
+                False,  # COMPLEX: complex params cannot be grouped
+                HAS_GRAD_SCALE,
+            )
+            tl.store(m_base + offs, to_storage(m, DTYPE), mask=mask)
+            tl.store(v_base + offs, to_storage(v, DTYPE), mask=mask)
+            if AMSGRAD:
                 tl.store(vmax_ptrs, to_storage(vmax, DTYPE), mask=mask)
-                v = vmax
-            d = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-            p = p - tl.div_rn(lr, bias_correction1) * tl.div_rn(m, d)
-            if HAS_L1:
-                p = soft_threshold(p, tl.div_rn(lr * l1, d))
             z = to_storage(p, DTYPE)
             tl.store(p_base + offs, z, mask=mask)
             z = z.to(tl.float32)
-            d = tl.div_rn(tl.sqrt_rn(to_storage(v, DTYPE).to(tl.float32)), bc2_sqrt) + eps
+            # d from the stored denominator's moment, as the eager prox reads it back
+            d = tl.div_rn(tl.sqrt_rn(to_storage(vmax, DTYPE).to(tl.float32)), bc2_sqrt) + eps
             a = d * z
             a2 += tl.where(mask, a * a, 0.0)
             z2 += tl.where(mask, z * z, 0.0)

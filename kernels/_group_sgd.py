@@ -2,8 +2,9 @@
 
 Program ``i`` owns group ``i`` (slice ``i`` along its axis of every tensor, ``_group`` tables it):
 
-1. for each tensor, for each block of the group's part of it: the elementwise ProxSGD step of
-   ``_sgd`` (unscale, maximize, coupled L2, momentum, decoupled decay, gradient step, L1 prox),
+1. for each tensor, for each block of the group's part of it: the elementwise ProxSGD step,
+   ``_update.sgd_update`` as ``_sgd`` (unscale, maximize, coupled L2, momentum, decoupled decay,
+   gradient step, L1 prox),
    storing ``p`` and the momentum buffer in the param dtype, and adding the stored ``p``'s
    squares to a float32 accumulator (what the eager group prox reads back: the same rounding);
 2. ``scale = max(0, 1 - lr * group_l1 / ||x_g||)`` (0 for a zero group, NaN for a NaN one);
@@ -31,10 +32,10 @@ from ._jit import (
     group_offsets,
     group_part,
     load_scalar,
-    soft_threshold,
     tensor_ptr,
     to_storage,
 )
+from ._update import sgd_update
 
 __all__ = ["fused_group_sgd_"]
 
@@ -88,26 +89,34 @@ def _group_sgd_kernel(
             offs, mask = group_offsets(start, lanes, count, inner, slice_stride, first)
             p = tl.load(p_base + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_base + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_GRAD_SCALE:
-                g = g / load_scalar(grad_scale_ptr)
-            if MAXIMIZE:
-                g = -g
-            if HAS_WD and not DECOUPLED:
-                g = g + weight_decay * p
+            b = g  # the buffer is not read on the first step (nor without momentum)
             if HAS_MOMENTUM:
                 b_ptrs = tensor_ptr(buf_ptrs, j, DTYPE, False) + offs
-                if FIRST_STEP:
-                    b = g
-                else:
-                    b_old = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
-                    b = momentum * b_old + (1.0 - dampening) * g
+                if not FIRST_STEP:
+                    b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+            p, b = sgd_update(
+                p,
+                g,
+                b,
+                lr,
+                weight_decay,
+                momentum,
+                dampening,
+                l1,
+                grad_scale_ptr,
+                BLOCK,
+                MAXIMIZE,
+                HAS_WD,
+                DECOUPLED,
+                HAS_MOMENTUM,
+                FIRST_STEP,
+                NESTEROV,
+                HAS_L1,
+                False,  # COMPLEX: complex params cannot be grouped
+                HAS_GRAD_SCALE,
+            )
+            if HAS_MOMENTUM:
                 tl.store(b_ptrs, to_storage(b, DTYPE), mask=mask)
-                g = g + momentum * b if NESTEROV else b
-            if HAS_WD and DECOUPLED:
-                p = p * (1.0 - lr * weight_decay)
-            p = p - lr * g
-            if HAS_L1:
-                p = soft_threshold(p, lr * l1)
             z = to_storage(p, DTYPE)
             tl.store(p_base + offs, z, mask=mask)
             z = z.to(tl.float32)
