@@ -1,4 +1,4 @@
-"""Triton helpers shared by the two kernels (``@triton.jit``, inlined into them).
+"""Triton helpers shared by the kernels (``@triton.jit``, inlined into them).
 
 They mirror ``regoptim.regularizers.l1`` (soft-threshold, complex modulus shrink) and address the
 multi-tensor launch plan built in ``_common``.
