@@ -23,6 +23,8 @@ from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 SOURCE = Path("regoptim") / "csrc" / "fused_cpu.cpp"
+# included by SOURCE (group lasso): a change rebuilds the variants
+HEADERS = [str(Path("regoptim") / "csrc" / "group_lasso.h")]
 FLAGS = json.loads((HERE / "regoptim" / "csrc" / "build_flags.json").read_text())
 # as regoptim._capability.arch (not importable here: pip builds without torch installed)
 ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}.get(
@@ -67,7 +69,12 @@ def _variants() -> list[Extension]:
     if os.environ.get("REGOPTIM_NO_PREBUILT") == "1" or ARCH is None:
         return []
     return [
-        Extension(f"regoptim._fused_cpu_{name}", [str(SOURCE)], extra_compile_args=flags)
+        Extension(
+            f"regoptim._fused_cpu_{name}",
+            [str(SOURCE)],
+            extra_compile_args=flags,
+            depends=HEADERS,
+        )
         for name, flags in FLAGS["variants"][ARCH].items()
     ]
 

@@ -30,7 +30,7 @@
 #include <omp.h>
 #endif
 
-#define REGOPTIM_ABI_VERSION 3
+#define REGOPTIM_ABI_VERSION 4
 
 // Element loops are vectorized explicitly (the selects on runtime flags become blends).
 #if defined(_OPENMP) || defined(REGOPTIM_OPENMP_SIMD)
@@ -267,11 +267,15 @@ struct AdamScalars {
 
 // TAIL as for SGD: torch's scalar loop contracts v * beta2 + (1 - beta2) * g * g as
 // fma(v, beta2, ...) where its vector loop has fma(..., g, v * beta2).
-template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL, int FM>
+// DEN: also write each element's denominator d = sqrt(v_hat) / sqrt(bc2) + eps to `den` (the
+// group-lasso step's metric, regoptim/csrc/group_lasso.h); the update itself is the same.
+template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL, int FM,
+          bool DEN = false>
 void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
                typename S::T* __restrict m, typename S::T* __restrict v,
                typename S::T* __restrict vmax, int64_t n, const AdamScalars& sc,
-               float neg_step_size, float bc2_sqrt, float inv_bc2_sqrt, uint32_t tail_mask) {
+               float neg_step_size, float bc2_sqrt, float inv_bc2_sqrt, uint32_t tail_mask,
+               float* __restrict den_out = nullptr) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, decay = sc.decay, lw = sc.lerp_w,
               beta2 = sc.beta2, c2 = sc.c2, eps = sc.eps, lr_l1 = sc.lr_l1;
   const uint32_t small_mask = sc.small_mask, max_mask = sc.max_mask, wd_mask = sc.wd_mask,
@@ -304,11 +308,13 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
       // second one: the divider is the bottleneck of this loop. The step may differ by an ulp
       // or two from torch's (-lr/bc1 * m) / (sqrt(v) / sqrt(bc2) + eps) (torch has no L1).
       const float den = std::fma(std::sqrt(vv), inv_bc2_sqrt, eps);
+      if (DEN) den_out[i] = den;
       const float inv = 1.0f / den;
       pv = pv + (neg_step_size * mv) * inv;
       pv = soft_threshold(pv, lr_l1 * inv);
     } else {
       const float den = std::sqrt(vv) / bc2_sqrt + eps;
+      if (DEN) den_out[i] = den;
       pv = pv + (neg_step_size * mv) / den;
     }
     p[i] = S::st(pv);
@@ -370,7 +376,7 @@ inline T* ptr(const int64_t* table, int64_t k) {
 
 // Runs `lean` on the body of each tensor and `generic` (all flags at run time) on torch's scalar
 // tails; both are called as f(k, offset, length, tail_mask).
-template <class S, class Lean, class Generic>
+template <class Lean, class Generic>
 void run_split(int64_t n, const int64_t* numels, int nthreads, int64_t tail_width,
                const Lean& lean, const Generic& generic) {
   for_each_range(n, numels, nthreads, tail_width,
@@ -380,9 +386,15 @@ void run_split(int64_t n, const int64_t* numels, int nthreads, int64_t tail_widt
                  });
 }
 
-template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int FM>
-void sgd_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
-             const int64_t* bs, const SgdScalars& sc, int nthreads, int64_t tail_width) {
+// A family's update with its flags picked, handed to a driver as two span functions: `lean`
+// (flags compiled in) for the body of each tensor, `generic` (every flag at run time) for torch's
+// scalar tails, called as f(k, offset, length, tail_mask) (Adam: plus a `float* den` output, used
+// when DEN). `drive(lean, generic)` decides which elements they run on: all of them in one pass
+// (run_split, the plain step), or blocks of groups followed by the group prox (group_lasso.h).
+template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int FM,
+          class Drive>
+void sgd_run(const int64_t* ps, const int64_t* gs, const int64_t* bs, const SgdScalars& sc,
+             const Drive& drive) {
   using T = typename S::T;
   auto kernel = [&](auto lean_tag) {
     constexpr bool lean = decltype(lean_tag)::value;
@@ -398,43 +410,41 @@ void sgd_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t*
       }
     };
   };
-  run_split<S>(n, numels, nthreads, tail_width, kernel(std::true_type{}),
-               kernel(std::false_type{}));
+  drive(kernel(std::true_type{}), kernel(std::false_type{}));
 }
 
-template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int FM>
-void adam_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
-              const int64_t* ms, const int64_t* vs, const int64_t* vmaxs, const float* neg_ss,
-              const float* bc2s, const AdamScalars& sc, int nthreads, int64_t tail_width) {
+template <class S, bool DEN, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int FM,
+          class Drive>
+void adam_run(int64_t n, const int64_t* ps, const int64_t* gs, const int64_t* ms,
+              const int64_t* vs, const int64_t* vmaxs, const float* neg_ss, const float* bc2s,
+              const AdamScalars& sc, const Drive& drive) {
   const float* ibc2s = bc2s + n;  // 1 / sqrt(bc2), stored after sqrt(bc2)
   using T = typename S::T;
   auto kernel = [&](auto lean_tag) {
     constexpr bool lean = decltype(lean_tag)::value;
-    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
+    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail, float* den) {
       T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
       if constexpr (lean) {
-        adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff, FM>(
+        adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff, FM, DEN>(
             ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
-            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail);
+            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail, den);
       } else {
-        adam_span<S, SCALE, AMS, L1, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime>(
+        adam_span<S, SCALE, AMS, L1, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime, DEN>(
             ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
-            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail);
+            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail, den);
       }
     };
   };
-  run_split<S>(n, numels, nthreads, tail_width, kernel(std::true_type{}),
-               kernel(std::false_type{}));
+  drive(kernel(std::true_type{}), kernel(std::false_type{}));
 }
 
 // Flag dispatch. Template parameters for what changes the memory touched (grad write-back,
 // momentum / max buffers) or adds real work (Adam's prox division). Lean kernels (flags
 // compiled in) for the common cases: float32 / bfloat16, no maximize, no grad scale, and for
 // SGD not the first step and no Nesterov; everything else runs with flags as run-time masks.
-template <class S>
-void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
-                  const int64_t* gs, const int64_t* bs, const SgdScalars& sc, int nthreads,
-                  int64_t tw) {
+template <class S, class Drive>
+void sgd_dispatch(int flags, const int64_t* ps, const int64_t* gs, const int64_t* bs,
+                  const SgdScalars& sc, const Drive& drive) {
   constexpr int R = kRuntime;
   const bool scale = (flags & kHasScale) != 0, mom = (flags & kMomentum) != 0;
   const bool lean = !std::is_same<S, F16>::value &&
@@ -444,7 +454,7 @@ void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps
 #define REGOPTIM_SGD_LEAN(K)                                                                   \
   case K:                                                                                      \
     sgd_run<S, false, (K & 4) != 0, kOff, (K & 2) ? kOn : kOff, kOff, kOff, (K & 1) ? kOn : kOff, kOn>( \
-        n, numels, ps, gs, bs, sc, nthreads, tw);                                              \
+        ps, gs, bs, sc, drive);                                                                \
     return;
     switch (key) {
       REGOPTIM_SGD_LEAN(0) REGOPTIM_SGD_LEAN(1) REGOPTIM_SGD_LEAN(2) REGOPTIM_SGD_LEAN(3)
@@ -453,17 +463,16 @@ void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps
     }
 #undef REGOPTIM_SGD_LEAN
   }
-  if (scale && mom) sgd_run<S, true, true, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else if (scale) sgd_run<S, true, false, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else if (mom) sgd_run<S, false, true, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else sgd_run<S, false, false, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  if (scale && mom) sgd_run<S, true, true, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
+  else if (scale) sgd_run<S, true, false, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
+  else if (mom) sgd_run<S, false, true, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
+  else sgd_run<S, false, false, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
 }
 
-template <class S>
-void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
-                   const int64_t* gs, const int64_t* ms, const int64_t* vs,
-                   const int64_t* vmaxs, const float* nss, const float* b2s,
-                   const AdamScalars& sc, int nthreads, int64_t tw) {
+template <class S, bool DEN, class Drive>
+void adam_dispatch(int flags, int64_t n, const int64_t* ps, const int64_t* gs,
+                   const int64_t* ms, const int64_t* vs, const int64_t* vmaxs, const float* nss,
+                   const float* b2s, const AdamScalars& sc, const Drive& drive) {
   constexpr int R = kRuntime;
   const bool lean = !std::is_same<S, F16>::value && !(flags & (kHasScale | kMaximize | kAmsgrad | kNoFma)) &&
                     sc.small_mask != 0;
@@ -471,8 +480,8 @@ void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* p
     const int key = ((flags & kCoupledWd) ? 2 : 0) | ((flags & kL1) ? 1 : 0);
 #define REGOPTIM_ADAM_LEAN(K)                                                              \
   case K:                                                                                  \
-    adam_run<S, false, false, (K & 1) != 0, kOff, (K & 2) ? kOn : kOff, kOn, kOn>(              \
-        n, numels, ps, gs, ms, vs, vmaxs, nss, b2s, sc, nthreads, tw);                     \
+    adam_run<S, DEN, false, false, (K & 1) != 0, kOff, (K & 2) ? kOn : kOff, kOn, kOn>(         \
+        n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);                                    \
     return;
     switch (key) {
       REGOPTIM_ADAM_LEAN(0) REGOPTIM_ADAM_LEAN(1) REGOPTIM_ADAM_LEAN(2) REGOPTIM_ADAM_LEAN(3)
@@ -484,8 +493,8 @@ void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* p
                   ((flags & kL1) ? 1 : 0);
 #define REGOPTIM_ADAM_CASE(K)                                                              \
   case K:                                                                                  \
-    adam_run<S, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R, R>(                        \
-        n, numels, ps, gs, ms, vs, vmaxs, nss, b2s, sc, nthreads, tw);                     \
+    adam_run<S, DEN, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R, R>(                   \
+        n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);                                    \
     break;
   switch (key) {
     REGOPTIM_ADAM_CASE(0) REGOPTIM_ADAM_CASE(1) REGOPTIM_ADAM_CASE(2) REGOPTIM_ADAM_CASE(3)
@@ -493,6 +502,113 @@ void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* p
     default: break;
   }
 #undef REGOPTIM_ADAM_CASE
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalars of one step, shared by the plain and the group-lasso entry points.
+
+SgdScalars sgd_scalars(double lr, double weight_decay, double momentum, double dampening,
+                       double decay, double l1_t, double grad_scale, int flags) {
+  const auto mask = [flags](int f) { return (flags & f) ? 0xFFFFFFFFu : 0u; };
+  SgdScalars sc;
+  sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
+  sc.scale = static_cast<float>(grad_scale);
+  sc.wd = static_cast<float>(weight_decay);
+  sc.mu = static_cast<float>(momentum);
+  sc.damp1 = static_cast<float>(1.0 - dampening);
+  sc.decay = static_cast<float>(decay);
+  sc.neg_lr = static_cast<float>(-lr);
+  sc.l1_t = static_cast<float>(l1_t);
+  sc.max_mask = mask(kMaximize);
+  sc.wd_mask = mask(kCoupledWd);
+  sc.first_mask = mask(kFirstStep);
+  sc.nesterov_mask = mask(kNesterov);
+  sc.l1_mask = mask(kL1);
+  sc.fma_mask = ~mask(kNoFma);
+  return sc;
+}
+
+// Adam's scalars, and per tensor its step size and bias corrections (in double as torch: the
+// step counters may differ per tensor), after incrementing the step counters.
+struct AdamStep {
+  AdamScalars sc;
+  std::vector<float> neg_ss;  // -lr / bc1 per tensor
+  std::vector<float> bc2s;    // sqrt(bc2) per tensor, then 1 / sqrt(bc2) per tensor
+};
+
+void adam_setup(AdamStep& a, int64_t n, const int64_t* steps, double lr, double beta1,
+                double beta2, double eps, double weight_decay, double decay, double lr_l1,
+                double grad_scale, int flags) {
+  AdamScalars& sc = a.sc;
+  sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
+  sc.scale = static_cast<float>(grad_scale);
+  sc.wd = static_cast<float>(weight_decay);
+  sc.decay = static_cast<float>(decay);
+  const float c1 = static_cast<float>(1.0 - beta1);
+  const bool small = std::fabs(c1) < 0.5f;
+  sc.small_mask = small ? 0xFFFFFFFFu : 0u;
+  sc.lerp_w = small ? c1 : c1 - 1.0f;
+  sc.wd_mask = (flags & kCoupledWd) ? 0xFFFFFFFFu : 0u;
+  sc.max_mask = (flags & kMaximize) ? 0xFFFFFFFFu : 0u;
+  sc.beta2 = static_cast<float>(beta2);
+  sc.c2 = static_cast<float>(1.0 - beta2);
+  sc.eps = static_cast<float>(eps);
+  sc.lr_l1 = static_cast<float>(lr_l1);
+  sc.fma_mask = (flags & kNoFma) ? 0u : 0xFFFFFFFFu;
+
+  a.neg_ss.assign(static_cast<size_t>(n), 0.0f);
+  a.bc2s.assign(2 * static_cast<size_t>(n), 0.0f);
+  float last_step = -1.0f;
+  float last_neg_ss = 0.0f, last_bc2s = 0.0f, last_ibc2s = 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    float* sp = ptr<float>(steps, k);
+    const float step = *sp + 1.0f;
+    *sp = step;
+    if (step != last_step) {
+      const double s = static_cast<double>(step);
+      const double bc1 = 1.0 - std::pow(beta1, s);
+      const double bc2 = 1.0 - std::pow(beta2, s);
+      last_neg_ss = static_cast<float>(-(lr / bc1));
+      last_bc2s = static_cast<float>(std::sqrt(bc2));
+      last_ibc2s = static_cast<float>(1.0 / std::sqrt(bc2));
+      last_step = step;
+    }
+    a.neg_ss[k] = last_neg_ss;
+    a.bc2s[k] = last_bc2s;
+    a.bc2s[n + k] = last_ibc2s;
+  }
+}
+
+}  // namespace
+
+// Group lasso: the block driver and the group prox (block soft-threshold, Adam-metric Newton).
+#include "group_lasso.h"
+
+namespace {
+
+template <class S>
+void sgd_plain(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
+               const int64_t* gs, const int64_t* bs, const SgdScalars& sc, int nthreads,
+               int64_t tw) {
+  sgd_dispatch<S>(flags, ps, gs, bs, sc, [&](const auto& lean, const auto& generic) {
+    run_split(n, numels, nthreads, tw, lean, generic);
+  });
+}
+
+template <class S>
+void adam_plain(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
+                const int64_t* gs, const int64_t* ms, const int64_t* vs, const int64_t* vmaxs,
+                const AdamStep& a, int nthreads, int64_t tw) {
+  adam_dispatch<S, false>(flags, n, ps, gs, ms, vs, vmaxs, a.neg_ss.data(), a.bc2s.data(), a.sc,
+                          [&](const auto& lean, const auto& generic) {
+                            run_split(n, numels, nthreads, tw,
+                                      [&](int64_t k, int64_t off, int64_t len, uint32_t t) {
+                                        lean(k, off, len, t, nullptr);
+                                      },
+                                      [&](int64_t k, int64_t off, int64_t len, uint32_t t) {
+                                        generic(k, off, len, t, nullptr);
+                                      });
+                          });
 }
 
 }  // namespace
@@ -516,27 +632,13 @@ int regoptim_sgd(int dtype, int64_t n, const int64_t* numels, const int64_t* par
                  const int64_t* grads, const int64_t* bufs, double lr, double weight_decay,
                  double momentum, double dampening, double decay, double l1_t,
                  double grad_scale, int flags, int nthreads, int64_t tail_width) {
-  const auto mask = [flags](int f) { return (flags & f) ? 0xFFFFFFFFu : 0u; };
-  SgdScalars sc;
-  sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
-  sc.scale = static_cast<float>(grad_scale);
-  sc.wd = static_cast<float>(weight_decay);
-  sc.mu = static_cast<float>(momentum);
-  sc.damp1 = static_cast<float>(1.0 - dampening);
-  sc.decay = static_cast<float>(decay);
-  sc.neg_lr = static_cast<float>(-lr);
-  sc.l1_t = static_cast<float>(l1_t);
-  sc.max_mask = mask(kMaximize);
-  sc.wd_mask = mask(kCoupledWd);
-  sc.first_mask = mask(kFirstStep);
-  sc.nesterov_mask = mask(kNesterov);
-  sc.l1_mask = mask(kL1);
-  sc.fma_mask = ~mask(kNoFma);
+  const SgdScalars sc =
+      sgd_scalars(lr, weight_decay, momentum, dampening, decay, l1_t, grad_scale, flags);
   const int64_t tw = tail_width;
   switch (dtype) {
-    case kFloat32: sgd_dispatch<F32>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
-    case kBFloat16: sgd_dispatch<BF16>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
-    case kFloat16: sgd_dispatch<F16>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
+    case kFloat32: sgd_plain<F32>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
+    case kBFloat16: sgd_plain<BF16>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
+    case kFloat16: sgd_plain<F16>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
     default: return -1;
   }
   return 0;
@@ -550,60 +652,94 @@ int regoptim_adam(int dtype, int64_t n, const int64_t* numels, const int64_t* pa
                   const int64_t* max_exp_avg_sqs, const int64_t* steps, double lr, double beta1,
                   double beta2, double eps, double weight_decay, double decay, double lr_l1,
                   double grad_scale, int flags, int nthreads, int64_t tail_width) {
-  AdamScalars sc;
-  sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
-  sc.scale = static_cast<float>(grad_scale);
-  sc.wd = static_cast<float>(weight_decay);
-  sc.decay = static_cast<float>(decay);
-  const float c1 = static_cast<float>(1.0 - beta1);
-  const bool small = std::fabs(c1) < 0.5f;
-  sc.small_mask = small ? 0xFFFFFFFFu : 0u;
-  sc.lerp_w = small ? c1 : c1 - 1.0f;
-  sc.wd_mask = (flags & kCoupledWd) ? 0xFFFFFFFFu : 0u;
-  sc.max_mask = (flags & kMaximize) ? 0xFFFFFFFFu : 0u;
-  sc.beta2 = static_cast<float>(beta2);
-  sc.c2 = static_cast<float>(1.0 - beta2);
-  sc.eps = static_cast<float>(eps);
-  sc.lr_l1 = static_cast<float>(lr_l1);
-  sc.fma_mask = (flags & kNoFma) ? 0u : 0xFFFFFFFFu;
-
-  // Per-tensor bias corrections, in double as torch (step counters may differ per tensor).
-  std::vector<float> neg_ss(static_cast<size_t>(n)), bc2s(2 * static_cast<size_t>(n));
-  float last_step = -1.0f;
-  float last_neg_ss = 0.0f, last_bc2s = 0.0f, last_ibc2s = 0.0f;
-  for (int64_t k = 0; k < n; ++k) {
-    float* sp = ptr<float>(steps, k);
-    const float step = *sp + 1.0f;
-    *sp = step;
-    if (step != last_step) {
-      const double s = static_cast<double>(step);
-      const double bc1 = 1.0 - std::pow(beta1, s);
-      const double bc2 = 1.0 - std::pow(beta2, s);
-      last_neg_ss = static_cast<float>(-(lr / bc1));
-      last_bc2s = static_cast<float>(std::sqrt(bc2));
-      last_ibc2s = static_cast<float>(1.0 / std::sqrt(bc2));
-      last_step = step;
-    }
-    neg_ss[k] = last_neg_ss;
-    bc2s[k] = last_bc2s;
-    bc2s[n + k] = last_ibc2s;
-  }
-  const float* nss = neg_ss.data();
-  const float* b2s = bc2s.data();
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return -1;
+  AdamStep a;
+  adam_setup(a, n, steps, lr, beta1, beta2, eps, weight_decay, decay, lr_l1, grad_scale, flags);
+  const int64_t* vm = max_exp_avg_sqs;
   switch (dtype) {
     case kFloat32:
-      adam_dispatch<F32>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                         nss, b2s, sc, nthreads, tail_width);
+      adam_plain<F32>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs, vm, a, nthreads,
+                      tail_width);
       break;
     case kBFloat16:
-      adam_dispatch<BF16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs,
-                          max_exp_avg_sqs, nss, b2s, sc, nthreads, tail_width);
+      adam_plain<BF16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs, vm, a, nthreads,
+                       tail_width);
       break;
-    case kFloat16:
-      adam_dispatch<F16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs,
-                         max_exp_avg_sqs, nss, b2s, sc, nthreads, tail_width);
+    default:
+      adam_plain<F16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs, vm, a, nthreads,
+                      tail_width);
       break;
-    default: return -1;
+  }
+  return 0;
+}
+
+// One ProxSGD step followed by the group-lasso prox with threshold `group_t` = lr * group_l1,
+// over the `n` tensors of one param group. Tensor k has `outer[k]` x `ngroups` x `inner[k]`
+// elements (contiguous); slice i of its middle axis belongs to group i. Other arguments as
+// regoptim_sgd. Returns -1 for an unknown dtype, -2 when the scratch could not be allocated
+// (nothing was changed then).
+int regoptim_sgd_group(int dtype, int64_t n, const int64_t* numels, const int64_t* params,
+                       const int64_t* grads, const int64_t* bufs, const int64_t* outer,
+                       const int64_t* inner, int64_t ngroups, double lr, double weight_decay,
+                       double momentum, double dampening, double decay, double l1_t,
+                       double grad_scale, double group_t, int flags, int nthreads,
+                       int64_t tail_width) {
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return -1;
+  if (!(group_t > 0.0)) {  // lr = 0: the prox is the identity
+    return regoptim_sgd(dtype, n, numels, params, grads, bufs, lr, weight_decay, momentum,
+                        dampening, decay, l1_t, grad_scale, flags, nthreads, tail_width);
+  }
+  const GroupLayout lay = group_layout(n, numels, outer, inner, ngroups, tail_width, nthreads,
+                                       kSgdGroup);
+  float* scratch = group_scratch(lay);
+  if (scratch == nullptr) return -2;
+  const SgdScalars sc =
+      sgd_scalars(lr, weight_decay, momentum, dampening, decay, l1_t, grad_scale, flags);
+  switch (dtype) {
+    case kFloat32: sgd_group_step<F32>(flags, lay, params, grads, bufs, sc, group_t, scratch); break;
+    case kBFloat16: sgd_group_step<BF16>(flags, lay, params, grads, bufs, sc, group_t, scratch); break;
+    default: sgd_group_step<F16>(flags, lay, params, grads, bufs, sc, group_t, scratch); break;
+  }
+  return 0;
+}
+
+// One ProxAdam(W) step followed by the group-lasso prox in Adam's metric (threshold `group_t` =
+// lr * group_l1; the metric is each element's own denominator of this step). Layout as
+// regoptim_sgd_group, other arguments as regoptim_adam; the same return codes (the step counters
+// are not incremented on -1 / -2).
+int regoptim_adam_group(int dtype, int64_t n, const int64_t* numels, const int64_t* params,
+                        const int64_t* grads, const int64_t* exp_avgs,
+                        const int64_t* exp_avg_sqs, const int64_t* max_exp_avg_sqs,
+                        const int64_t* steps, const int64_t* outer, const int64_t* inner,
+                        int64_t ngroups, double lr, double beta1, double beta2, double eps,
+                        double weight_decay, double decay, double lr_l1, double grad_scale,
+                        double group_t, int flags, int nthreads, int64_t tail_width) {
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return -1;
+  if (!(group_t > 0.0)) {
+    return regoptim_adam(dtype, n, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                         steps, lr, beta1, beta2, eps, weight_decay, decay, lr_l1, grad_scale,
+                         flags, nthreads, tail_width);
+  }
+  const GroupLayout lay = group_layout(n, numels, outer, inner, ngroups, tail_width, nthreads,
+                                       kAdamGroup);
+  float* scratch = group_scratch(lay);
+  if (scratch == nullptr) return -2;
+  AdamStep a;
+  adam_setup(a, n, steps, lr, beta1, beta2, eps, weight_decay, decay, lr_l1, grad_scale, flags);
+  const int64_t* vm = max_exp_avg_sqs;
+  switch (dtype) {
+    case kFloat32:
+      adam_group_step<F32>(flags, lay, params, grads, exp_avgs, exp_avg_sqs, vm, a, group_t,
+                        scratch);
+      break;
+    case kBFloat16:
+      adam_group_step<BF16>(flags, lay, params, grads, exp_avgs, exp_avg_sqs, vm, a, group_t,
+                         scratch);
+      break;
+    default:
+      adam_group_step<F16>(flags, lay, params, grads, exp_avgs, exp_avg_sqs, vm, a, group_t,
+                        scratch);
+      break;
   }
   return 0;
 }
