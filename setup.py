@@ -24,7 +24,7 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 SOURCE = Path("regoptim") / "csrc" / "fused_cpu.cpp"
 # included by SOURCE (group lasso): a change rebuilds the variants
-HEADERS = [str(Path("regoptim") / "csrc" / "group_lasso.h")]
+HEADERS = sorted(str(h) for h in (Path("regoptim") / "csrc").glob("*.h"))
 FLAGS = json.loads((HERE / "regoptim" / "csrc" / "build_flags.json").read_text())
 # as regoptim._capability.arch (not importable here: pip builds without torch installed)
 ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}.get(

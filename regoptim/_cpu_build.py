@@ -53,8 +53,8 @@ from regoptim._private_files import (
 __all__ = ["available", "build_count", "build_info", "load"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
-# Headers the source includes: part of the cache key (and of the installed sources)
-_HEADERS = [_SOURCE.with_name("group_lasso.h")]
+# The headers the source includes (group lasso): part of the cache key, installed beside it
+_HEADERS = sorted(_SOURCE.parent.glob("*.h"))
 _ABI_VERSION = 4
 
 # The kernel's flags, shared with setup.py (which builds the per-ISA variants at install time).

@@ -426,3 +426,17 @@ def test_malformed_inputs_raise_naming_the_parameter():
                              [torch.tensor(0.0)] * 2, _adam_hyper(0.01, {}),
                              GroupLasso(group_l1=1.0, axes=(0, 0)), grad_scale=None,
                              found_inf=None)  # fmt: skip
+
+
+def test_headers_are_part_of_the_build_cache_key_and_the_package(tmp_path, monkeypatch):
+    from regoptim import _cpu_build as cb
+
+    assert {"group_lasso.h", "group_blocks.h"} <= {h.name for h in cb._HEADERS}
+    flags = cb._FLAG_SETS[0]
+    before = cb._entry_name(flags)
+    changed = tmp_path / cb._HEADERS[-1].name
+    changed.write_bytes(cb._HEADERS[-1].read_bytes() + b"// changed\n")
+    monkeypatch.setattr(cb, "_HEADERS", [*cb._HEADERS[:-1], changed])
+    assert cb._entry_name(flags) != before
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"csrc/*.h"' in pyproject

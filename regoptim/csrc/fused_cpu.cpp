@@ -581,8 +581,8 @@ void adam_setup(AdamStep& a, int64_t n, const int64_t* steps, double lr, double 
 
 }  // namespace
 
-// Group lasso: the block driver and the group prox (block soft-threshold, Adam-metric Newton).
-#include "group_lasso.h"
+// Group lasso: the block driver (group_blocks.h) and the group prox (group_lasso.h).
+#include "group_blocks.h"
 
 namespace {
 
