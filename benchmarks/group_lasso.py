@@ -23,6 +23,7 @@ percentage of the in-place triad measured at start (``benchmarks/_machine.py``).
     python benchmarks/group_lasso.py                      # 16M in rows of 256, 1024, 4096
     python benchmarks/group_lasso.py --rows 1024 --repeat 5 --out -
     python benchmarks/group_lasso.py --impls torch-fused,regoptim-group-cpp
+    python benchmarks/group_lasso.py --total 64K --rows 256 --repeat 2 --triad-numel 1M --out -  # smoke
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=15, help="samples per implementation")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file to update ('-': none)")
+    ap.add_argument("--triad-numel", help=f"elements per triad buffer (default {TRIAD_NUMEL})")
     args = ap.parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     total = parse_count(args.total)
     impls = parse_list(args.impls)
     info = machine_info(device)
-    triad = triad_bandwidth(device, TRIAD_NUMEL, inplace=True)
+    triad_numel = parse_count(args.triad_numel) if args.triad_numel else TRIAD_NUMEL
+    triad = triad_bandwidth(device, triad_numel, inplace=True)
     lines = ["### Group lasso, CPU (" + section_key(device).removeprefix("cpu-") + ")", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += [
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{q[2] * 1e3:.2f} | {ratio} | {gbs:.1f} | {100 * gbs / triad:.0f}% |"
                 )
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    lines.insert(lines.index("") + 0, f"- load average at end (1/5/15 min): {load}")
+    table = next(i for i, line in enumerate(lines) if line.startswith("| family"))
+    lines.insert(table - 1, f"- load average at end (1/5/15 min): {load}")
     section = "\n".join(lines) + "\n"
     print(section)
     if args.out != "-":

@@ -35,8 +35,10 @@
 // Element loops are vectorized explicitly (the selects on runtime flags become blends).
 #if defined(_OPENMP) || defined(REGOPTIM_OPENMP_SIMD)
 #define REGOPTIM_SIMD _Pragma("omp simd")
+#define REGOPTIM_SIMD_SUM _Pragma("omp simd reduction(+ : norm)")
 #else
 #define REGOPTIM_SIMD
+#define REGOPTIM_SIMD_SUM
 #endif
 
 namespace {
@@ -214,17 +216,20 @@ struct SgdScalars {
 // TAIL: on the last numel % (torch's vector width) elements of a tensor torch's kernel runs its
 // scalar loop, where the compiler contracted the momentum update the other way round:
 // fma(b, mu, g * (1 - dampening)) instead of fma(1 - dampening, g, b * mu).
+// NORM: also add the sum of squares of the stored results to *norm_out (the group-lasso step's
+// per-group norms, regoptim/csrc/group_blocks.h; in double, free in this memory-bound loop); the
+// update itself is the same.
 template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int TAIL,
-          int FM>
+          int FM, bool NORM = false>
 void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
               typename S::T* __restrict b, int64_t n, const SgdScalars& sc,
-              uint32_t tail_mask) {
+              uint32_t tail_mask, double* __restrict norm_out = nullptr) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, mu = sc.mu, damp1 = sc.damp1,
               decay = sc.decay, neg_lr = sc.neg_lr, t = sc.l1_t;
   const uint32_t max_mask = sc.max_mask, wd_mask = sc.wd_mask, first_mask = sc.first_mask,
                  nesterov_mask = sc.nesterov_mask, l1_mask = sc.l1_mask, fm = sc.fma_mask;
-  REGOPTIM_SIMD
-  for (int64_t i = 0; i < n; ++i) {
+  // one element; returns the stored parameter
+  const auto elem = [&](int64_t i) {
     float gv = S::ld(g[i]);
     if (SCALE) {
       gv = gv / scale;
@@ -247,7 +252,21 @@ void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
     pv = pv * decay;
     pv = madd<FM>(fm, gv, neg_lr, pv);
     pv = pick<L1>(l1_mask, soft_threshold(pv, t), pv);
-    p[i] = S::st(pv);
+    const typename S::T stored = S::st(pv);
+    p[i] = stored;
+    return stored;
+  };
+  if constexpr (NORM) {
+    double norm = 0.0;
+    REGOPTIM_SIMD_SUM
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = S::ld(elem(i));
+      norm += static_cast<double>(x * x);
+    }
+    *norm_out += norm;
+  } else {
+    REGOPTIM_SIMD
+    for (int64_t i = 0; i < n; ++i) elem(i);
   }
 }
 
@@ -398,15 +417,17 @@ void sgd_run(const int64_t* ps, const int64_t* gs, const int64_t* bs, const SgdS
   using T = typename S::T;
   auto kernel = [&](auto lean_tag) {
     constexpr bool lean = decltype(lean_tag)::value;
-    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
+    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail, double* norm) {
       T* b = MOM ? ptr<T>(bs, k) + off : nullptr;
+      T* p = ptr<T>(ps, k) + off;
+      T* g = ptr<T>(gs, k) + off;
+      constexpr int R = kRuntime;
       if constexpr (lean) {
-        sgd_span<S, SCALE, MOM, MAX, WD, FIRST, NEST, L1, kOff, FM>(
-            ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc, tail);
+        if (norm) sgd_span<S, SCALE, MOM, MAX, WD, FIRST, NEST, L1, kOff, FM, true>(p, g, b, len, sc, tail, norm);
+        else sgd_span<S, SCALE, MOM, MAX, WD, FIRST, NEST, L1, kOff, FM>(p, g, b, len, sc, tail);
       } else {
-        sgd_span<S, SCALE, MOM, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime,
-                 kRuntime>(
-            ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc, tail);
+        if (norm) sgd_span<S, SCALE, MOM, R, R, R, R, R, R, R, true>(p, g, b, len, sc, tail, norm);
+        else sgd_span<S, SCALE, MOM, R, R, R, R, R, R, R>(p, g, b, len, sc, tail);
       }
     };
   };
@@ -591,7 +612,12 @@ void sgd_plain(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
                const int64_t* gs, const int64_t* bs, const SgdScalars& sc, int nthreads,
                int64_t tw) {
   sgd_dispatch<S>(flags, ps, gs, bs, sc, [&](const auto& lean, const auto& generic) {
-    run_split(n, numels, nthreads, tw, lean, generic);
+    run_split(
+        n, numels, nthreads, tw,
+        [&](int64_t k, int64_t off, int64_t len, uint32_t t) { lean(k, off, len, t, nullptr); },
+        [&](int64_t k, int64_t off, int64_t len, uint32_t t) {
+          generic(k, off, len, t, nullptr);
+        });
   });
 }
 

@@ -39,6 +39,8 @@ namespace {
 // benchmarks/RESULTS.md; see its group-lasso section).
 constexpr int64_t kGroupBlockBytes = 256 * 1024;
 constexpr int64_t kLineFloats = 16;      // elements of a cache line of float32
+// SGD: parts of at least this many elements get their sums of squares from the update span
+constexpr int64_t kNormInSpan = 64;
 
 // What a family's block holds per element (bytes of its tensors and floats of scratch) and per
 // group (floats of scratch).
@@ -131,26 +133,20 @@ void for_each_thread(int nt, const F& work) {
 }
 
 // The update of elements [off, off + len) of tensor k, split where torch's scalar tail starts
-// (as for_each_range): `lean` before, `generic` after. Adam's spans also take `den`, the
-// denominators' destination for the range (nullptr for SGD's, which take none).
-template <class Lean, class Generic>
+// (as for_each_range): `lean` before, `generic` after. `out`: Adam's denominators for the range
+// (float*, offset with it), or where SGD adds the range's sum of squares (double*), or nullptr.
+template <class Lean, class Generic, class Out>
 inline void update_range(const GroupLayout& lay, int64_t k, int64_t off, int64_t len,
-                         const Lean& lean, const Generic& generic, float* den) {
+                         const Lean& lean, const Generic& generic, Out* out) {
   const int64_t nk = lay.numels[k];
   const int64_t ts = lay.tail_width > 0 ? nk - nk % lay.tail_width : nk;
   const int64_t end = off + len;
-  if (off < ts) {
-    if constexpr (std::is_invocable_v<Lean, int64_t, int64_t, int64_t, uint32_t, float*>)
-      lean(k, off, std::min(end, ts) - off, 0u, den);
-    else
-      lean(k, off, std::min(end, ts) - off, 0u);
-  }
+  if (off < ts) lean(k, off, std::min(end, ts) - off, 0u, out);
   if (end > ts) {
     const int64_t a = std::max(off, ts);
-    if constexpr (std::is_invocable_v<Generic, int64_t, int64_t, int64_t, uint32_t, float*>)
-      generic(k, a, end - a, 0xFFFFFFFFu, den + (a - off));
-    else
-      generic(k, a, end - a, 0xFFFFFFFFu);
+    Out* tail_out = out;
+    if constexpr (std::is_same_v<Out, float>) tail_out = out + (a - off);
+    generic(k, a, end - a, 0xFFFFFFFFu, tail_out);
   }
 }
 
@@ -170,7 +166,12 @@ void sgd_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float*
         const int64_t in = lay.inner[k];
         for (int64_t o = 0; o < lay.outer[k] && in > 0; ++o) {
           const int64_t off = (o * n + g0) * in;
-          update_range(lay, k, off, nb * in, lean, generic, nullptr);
+          if (in >= kNormInSpan) {  // long parts: the span sums their squares as it stores them
+            for (int64_t g = 0; g < nb; ++g)
+              update_range(lay, k, off + g * in, in, lean, generic, sums + g);
+            continue;
+          }
+          update_range(lay, k, off, nb * in, lean, generic, static_cast<double*>(nullptr));
           add_sumsq<S>(ptr<T>(ps, k) + off, nb, in, sums);  // the run is still in L1
         }
       }
