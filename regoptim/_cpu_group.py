@@ -3,7 +3,8 @@
 One call steps every parameter of one param group (``regoptim/csrc/fused_cpu.cpp``, the same
 elementwise update as :mod:`regoptim._cpu_fused`, decay and L1 included) and applies the group
 prox (``regoptim/csrc/group_lasso.h``) in the same pass over memory: blocks of consecutive groups
-are updated, then thresholded while they are still in cache. The math is that of
+are updated, then thresholded while they are still in cache (``regoptim/csrc/group_blocks.h``,
+which says what the layouts cost: column groups and groups larger than the cache). The math is that of
 :mod:`regoptim.group_prox`: block soft-thresholding for ProxSGD, the exact prox in the metric of
 the update's own denominator for ProxAdam/ProxAdamW.
 

@@ -19,6 +19,10 @@
 //
 // Work split: the elements of all tensors are laid end to end and cut into one contiguous range
 // per thread (cache-line aligned), so 1024 small tensors cost the same as 4 big ones.
+//
+// Group lasso (regoptim_sgd_group / regoptim_adam_group): the same spans, driven over blocks of
+// groups and followed by the group prox while the block is in cache (group_blocks.h,
+// group_lasso.h).
 
 #include <cmath>
 #include <cstdint>
@@ -602,9 +606,6 @@ void adam_setup(AdamStep& a, int64_t n, const int64_t* steps, double lr, double 
 
 }  // namespace
 
-// Group lasso: the block driver (group_blocks.h) and the group prox (group_lasso.h).
-#include "group_blocks.h"
-
 namespace {
 
 template <class S>
@@ -699,75 +700,8 @@ int regoptim_adam(int dtype, int64_t n, const int64_t* numels, const int64_t* pa
   return 0;
 }
 
-// One ProxSGD step followed by the group-lasso prox with threshold `group_t` = lr * group_l1,
-// over the `n` tensors of one param group. Tensor k has `outer[k]` x `ngroups` x `inner[k]`
-// elements (contiguous); slice i of its middle axis belongs to group i. Other arguments as
-// regoptim_sgd. Returns -1 for an unknown dtype, -2 when the scratch could not be allocated
-// (nothing was changed then).
-int regoptim_sgd_group(int dtype, int64_t n, const int64_t* numels, const int64_t* params,
-                       const int64_t* grads, const int64_t* bufs, const int64_t* outer,
-                       const int64_t* inner, int64_t ngroups, double lr, double weight_decay,
-                       double momentum, double dampening, double decay, double l1_t,
-                       double grad_scale, double group_t, int flags, int nthreads,
-                       int64_t tail_width) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return -1;
-  if (!(group_t > 0.0)) {  // lr = 0: the prox is the identity
-    return regoptim_sgd(dtype, n, numels, params, grads, bufs, lr, weight_decay, momentum,
-                        dampening, decay, l1_t, grad_scale, flags, nthreads, tail_width);
-  }
-  const GroupLayout lay = group_layout(n, numels, outer, inner, ngroups, tail_width, nthreads,
-                                       kSgdGroup);
-  float* scratch = group_scratch(lay);
-  if (scratch == nullptr) return -2;
-  const SgdScalars sc =
-      sgd_scalars(lr, weight_decay, momentum, dampening, decay, l1_t, grad_scale, flags);
-  switch (dtype) {
-    case kFloat32: sgd_group_step<F32>(flags, lay, params, grads, bufs, sc, group_t, scratch); break;
-    case kBFloat16: sgd_group_step<BF16>(flags, lay, params, grads, bufs, sc, group_t, scratch); break;
-    default: sgd_group_step<F16>(flags, lay, params, grads, bufs, sc, group_t, scratch); break;
-  }
-  return 0;
-}
-
-// One ProxAdam(W) step followed by the group-lasso prox in Adam's metric (threshold `group_t` =
-// lr * group_l1; the metric is each element's own denominator of this step). Layout as
-// regoptim_sgd_group, other arguments as regoptim_adam; the same return codes (the step counters
-// are not incremented on -1 / -2).
-int regoptim_adam_group(int dtype, int64_t n, const int64_t* numels, const int64_t* params,
-                        const int64_t* grads, const int64_t* exp_avgs,
-                        const int64_t* exp_avg_sqs, const int64_t* max_exp_avg_sqs,
-                        const int64_t* steps, const int64_t* outer, const int64_t* inner,
-                        int64_t ngroups, double lr, double beta1, double beta2, double eps,
-                        double weight_decay, double decay, double lr_l1, double grad_scale,
-                        double group_t, int flags, int nthreads, int64_t tail_width) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return -1;
-  if (!(group_t > 0.0)) {
-    return regoptim_adam(dtype, n, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                         steps, lr, beta1, beta2, eps, weight_decay, decay, lr_l1, grad_scale,
-                         flags, nthreads, tail_width);
-  }
-  const GroupLayout lay = group_layout(n, numels, outer, inner, ngroups, tail_width, nthreads,
-                                       kAdamGroup);
-  float* scratch = group_scratch(lay);
-  if (scratch == nullptr) return -2;
-  AdamStep a;
-  adam_setup(a, n, steps, lr, beta1, beta2, eps, weight_decay, decay, lr_l1, grad_scale, flags);
-  const int64_t* vm = max_exp_avg_sqs;
-  switch (dtype) {
-    case kFloat32:
-      adam_group_step<F32>(flags, lay, params, grads, exp_avgs, exp_avg_sqs, vm, a, group_t,
-                        scratch);
-      break;
-    case kBFloat16:
-      adam_group_step<BF16>(flags, lay, params, grads, exp_avgs, exp_avg_sqs, vm, a, group_t,
-                         scratch);
-      break;
-    default:
-      adam_group_step<F16>(flags, lay, params, grads, exp_avgs, exp_avg_sqs, vm, a, group_t,
-                        scratch);
-      break;
-  }
-  return 0;
-}
-
 }  // extern "C"
+
+// Group lasso: the block driver and the entry points regoptim_sgd_group / regoptim_adam_group
+// (group_blocks.h), the group prox (group_lasso.h).
+#include "group_blocks.h"

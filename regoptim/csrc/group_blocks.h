@@ -1,9 +1,10 @@
 // Group lasso in the fused CPU kernel: the step of a param group, then the prox of each group
 // (group_lasso.h), in one pass over memory.
 //
-// Included by fused_cpu.cpp after the update spans and the flag dispatch: uses ptr<T>(),
-// kMinPerThread, sgd_dispatch / adam_dispatch and their scalars. Every name here is in that
-// file's anonymous namespace.
+// Included at the end of fused_cpu.cpp: uses ptr<T>(), kMinPerThread, sgd_dispatch /
+// adam_dispatch, their scalars and the plain entry points; defines the extern "C" entry points
+// regoptim_sgd_group and regoptim_adam_group. Every other name here is in that file's anonymous
+// namespace.
 //
 // Layout. Tensor k of the param group is contiguous with outer[k] x n x inner[k] elements, and
 // slice i of its middle axis belongs to group i (so group i's part of tensor k is outer[k] runs
@@ -21,6 +22,11 @@
 // Adam's Newton iterations one read of its scratch each. Adam reads and writes the parameters in
 // place when a group has few long parts (a weight's row and its bias entry), else it gathers each
 // group's z and d into scratch first (column groups, conv in-channels) and scatters x back.
+//
+// Norms. SGD: parts of kNormInSpan elements or more get their sum of squares from the update
+// span itself (sgd_span's NORM: a double accumulator per part, free in that memory-bound loop),
+// shorter ones (biases, column groups) from a pass over the block's runs (add_sumsq). Adam: from
+// a pass over the group (group_rho).
 //
 // Every group is computed by one thread in an order that depends on the layout only: 1 or N
 // threads give bitwise the same result.
@@ -273,3 +279,81 @@ void adam_group_step(int flags, const GroupLayout& lay, const int64_t* ps, const
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points (declared in regoptim/_cpu_build.py)
+
+extern "C" {
+
+// One ProxSGD step followed by the group-lasso prox with threshold `group_t` = lr * group_l1,
+// over the `n` tensors of one param group. Tensor k has `outer[k]` x `ngroups` x `inner[k]`
+// elements (contiguous); slice i of its middle axis belongs to group i. Other arguments as
+// regoptim_sgd. Returns -1 for an unknown dtype, -2 when the scratch could not be allocated
+// (nothing was changed then).
+int regoptim_sgd_group(int dtype, int64_t n, const int64_t* numels, const int64_t* params,
+                       const int64_t* grads, const int64_t* bufs, const int64_t* outer,
+                       const int64_t* inner, int64_t ngroups, double lr, double weight_decay,
+                       double momentum, double dampening, double decay, double l1_t,
+                       double grad_scale, double group_t, int flags, int nthreads,
+                       int64_t tail_width) {
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return -1;
+  if (!(group_t > 0.0)) {  // lr = 0: the prox is the identity
+    return regoptim_sgd(dtype, n, numels, params, grads, bufs, lr, weight_decay, momentum,
+                        dampening, decay, l1_t, grad_scale, flags, nthreads, tail_width);
+  }
+  const GroupLayout lay = group_layout(n, numels, outer, inner, ngroups, tail_width, nthreads,
+                                       kSgdGroup);
+  float* scratch = group_scratch(lay);
+  if (scratch == nullptr) return -2;
+  const SgdScalars sc =
+      sgd_scalars(lr, weight_decay, momentum, dampening, decay, l1_t, grad_scale, flags);
+  switch (dtype) {
+    case kFloat32: sgd_group_step<F32>(flags, lay, params, grads, bufs, sc, group_t, scratch); break;
+    case kBFloat16: sgd_group_step<BF16>(flags, lay, params, grads, bufs, sc, group_t, scratch); break;
+    default: sgd_group_step<F16>(flags, lay, params, grads, bufs, sc, group_t, scratch); break;
+  }
+  return 0;
+}
+
+// One ProxAdam(W) step followed by the group-lasso prox in Adam's metric (threshold `group_t` =
+// lr * group_l1; the metric is each element's own denominator of this step). Layout as
+// regoptim_sgd_group, other arguments as regoptim_adam; the same return codes (the step counters
+// are not incremented on -1 / -2).
+int regoptim_adam_group(int dtype, int64_t n, const int64_t* numels, const int64_t* params,
+                        const int64_t* grads, const int64_t* exp_avgs,
+                        const int64_t* exp_avg_sqs, const int64_t* max_exp_avg_sqs,
+                        const int64_t* steps, const int64_t* outer, const int64_t* inner,
+                        int64_t ngroups, double lr, double beta1, double beta2, double eps,
+                        double weight_decay, double decay, double lr_l1, double grad_scale,
+                        double group_t, int flags, int nthreads, int64_t tail_width) {
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return -1;
+  if (!(group_t > 0.0)) {
+    return regoptim_adam(dtype, n, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                         steps, lr, beta1, beta2, eps, weight_decay, decay, lr_l1, grad_scale,
+                         flags, nthreads, tail_width);
+  }
+  const GroupLayout lay = group_layout(n, numels, outer, inner, ngroups, tail_width, nthreads,
+                                       kAdamGroup);
+  float* scratch = group_scratch(lay);
+  if (scratch == nullptr) return -2;
+  AdamStep a;
+  adam_setup(a, n, steps, lr, beta1, beta2, eps, weight_decay, decay, lr_l1, grad_scale, flags);
+  const int64_t* vm = max_exp_avg_sqs;
+  switch (dtype) {
+    case kFloat32:
+      adam_group_step<F32>(flags, lay, params, grads, exp_avgs, exp_avg_sqs, vm, a, group_t,
+                        scratch);
+      break;
+    case kBFloat16:
+      adam_group_step<BF16>(flags, lay, params, grads, exp_avgs, exp_avg_sqs, vm, a, group_t,
+                         scratch);
+      break;
+    default:
+      adam_group_step<F16>(flags, lay, params, grads, exp_avgs, exp_avg_sqs, vm, a, group_t,
+                        scratch);
+      break;
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -13,8 +13,9 @@
 //   whose ||z|| or ||d z|| is not finite becomes NaN (as the reference).
 //
 // Numerics. Sums of squares accumulate in double, each term a float32 square (one rounding),
-// summed 4 deep in float32 lanes first (sum_pos2): a sum of positive terms, so its relative error
-// is that of a few float32 roundings (< 3e-7) whatever the group size. SGD's factor is computed
+// here summed 4 deep in float32 lanes first (sum_pos1/2; the update span's own sums for SGD skip
+// that step): a sum of positive terms, so its relative error is that of a few float32 roundings
+// (< 3e-7) whatever the group size. SGD's factor is computed
 // in double and applied in float. Adam's Newton iteration evaluates its terms in float and sums
 // them so, with rho in double; it stops when a step moves rho by at most 4 float32 ulps, after at
 // most kGroupMaxIters iterations (from the bracket's left end it took 2-3 on uniform data with
