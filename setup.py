@@ -24,6 +24,8 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 CSRC = Path("regoptim") / "backends" / "cpu" / "csrc"
 SOURCE = CSRC / "fused_cpu.cpp"
+# included by SOURCE (group lasso): a change rebuilds the variants
+HEADERS = sorted(str(h) for h in CSRC.glob("*.h"))
 FLAGS = json.loads((HERE / CSRC / "build_flags.json").read_text())
 # as regoptim.backends.cpu.capability.arch (not importable here: pip builds without torch installed)
 ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}.get(
@@ -69,7 +71,10 @@ def _variants() -> list[Extension]:
         return []
     return [
         Extension(
-            f"regoptim.backends.cpu._fused_cpu_{name}", [str(SOURCE)], extra_compile_args=flags
+            f"regoptim.backends.cpu._fused_cpu_{name}",
+            [str(SOURCE)],
+            extra_compile_args=flags,
+            depends=HEADERS,
         )
         for name, flags in FLAGS["variants"][ARCH].items()
     ]

@@ -102,3 +102,29 @@ def test_pytest_benchmark_suite_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "passed" in proc.stdout
+
+
+def test_group_lasso_script_smoke(tmp_path):
+    """benchmarks/group_lasso.py runs from any directory and writes every row (timings are not
+    asserted)."""
+    out = tmp_path / "RESULTS.md"
+    args = ["--total", "64K", "--rows", "256", "--repeat", "2", "--triad-numel", "1M"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "group_lasso.py"), *args, "--out", str(out)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    impls = [
+        "torch-fused",
+        "regoptim-fused-noreg",
+        "regoptim-group-cpp",
+        "regoptim-group-optimizer",
+    ]
+    for family in ("sgd", "adam"):
+        for impl in impls:
+            assert f"| {family} | {impl} | 256 |" in text, (family, impl)

@@ -38,14 +38,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _backend(device_type: str, default_path: bool) -> Any:
     """The module whose ``fused_group_sgd_`` / ``fused_group_adam_`` serve ``device_type``."""
     backend = "cpu" if default_path and device_type == "cpu" else fused_backend(device_type)
-    try:  # TODO(merge): the backends land from their branches
-        if backend == "cpu":
-            import regoptim.backends.cpu.group as mod
-        else:
-            import regoptim._kernels as mod
-    except ImportError:
-        return None
-    return mod if hasattr(mod, "fused_group_sgd_") else None
+    if backend == "cpu":
+        import regoptim.backends.cpu.group as mod
+    else:
+        import regoptim._kernels as mod
+    return mod
 
 
 def _qualifies(group: dict[str, Any], extra: list[list[Tensor]]) -> tuple[bool, bool]:
@@ -100,9 +97,9 @@ def fused_group_sgd_step(opt: Any, group: dict[str, Any]) -> bool:
     if existing and len(existing) != len(bufs):  # a mix of new and old buffers: unfused
         return False
     ok, default_path = _qualifies(group, [existing])
-    module = _backend(params[0].device.type, default_path) if ok else None
-    if module is None:
+    if not ok:
         return False
+    module = _backend(params[0].device.type, default_path)
     axes = resolve_group_axes(params, group["group_axes"])
     grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
     found_inf = getattr(opt, "found_inf", None)
@@ -142,9 +139,9 @@ def fused_group_adam_step(opt: Any, group: dict[str, Any]) -> bool:
     if any(0 < len(lst) < len(params) for lst in existing):  # some params without state: unfused
         return False
     ok, default_path = _qualifies(group, existing)
-    module = _backend(params[0].device.type, default_path) if ok else None
-    if module is None:
+    if not ok:
         return False
+    module = _backend(params[0].device.type, default_path)
     axes = resolve_group_axes(params, group["group_axes"])
     lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
     params_, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists

@@ -53,7 +53,9 @@ from regoptim.backends.cpu.private_files import (
 __all__ = ["available", "build_count", "build_info", "load"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
-_ABI_VERSION = 3
+# The headers the source includes (group lasso): part of the cache key, installed beside it
+_HEADERS = sorted(_SOURCE.parent.glob("*.h"))
+_ABI_VERSION = 4
 
 # The kernel's flags, shared with setup.py (which builds the per-ISA variants at install time).
 _FLAGS = json.loads(_SOURCE.with_name("build_flags.json").read_text())
@@ -139,7 +141,8 @@ def _host_id() -> str:
 
 def _entry_name(flags: list[str]) -> str:
     """File stem of the build of this source with ``flags`` on this host (any compiler)."""
-    parts = [_SOURCE.read_bytes(), " ".join(flags).encode(), _host_id().encode()]
+    parts = [_SOURCE.read_bytes(), *(h.read_bytes() for h in _HEADERS)]
+    parts += [" ".join(flags).encode(), _host_id().encode()]
     parts.append(str(_ABI_VERSION).encode())
     return "fused_cpu_" + hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
@@ -327,6 +330,16 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.regoptim_adam.argtypes = [
         ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p, i64p, i64p, i64p,
         d, d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+    ]  # fmt: skip
+    lib.regoptim_sgd_group.restype = ctypes.c_int
+    lib.regoptim_sgd_group.argtypes = [
+        ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p, i64p, i64p, ctypes.c_int64,
+        d, d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+    ]  # fmt: skip
+    lib.regoptim_adam_group.restype = ctypes.c_int
+    lib.regoptim_adam_group.argtypes = [
+        ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p, i64p, i64p, i64p, i64p, i64p,
+        ctypes.c_int64, d, d, d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
     ]  # fmt: skip
 
 

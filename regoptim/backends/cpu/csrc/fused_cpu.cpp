@@ -19,6 +19,10 @@
 //
 // Work split: the elements of all tensors are laid end to end and cut into one contiguous range
 // per thread (cache-line aligned), so 1024 small tensors cost the same as 4 big ones.
+//
+// Group lasso (regoptim_sgd_group / regoptim_adam_group): the same spans, driven over blocks of
+// groups and followed by the group prox while the block is in cache (group_blocks.h,
+// group_lasso.h).
 
 #include <cmath>
 #include <cstdint>
@@ -30,13 +34,15 @@
 #include <omp.h>
 #endif
 
-#define REGOPTIM_ABI_VERSION 3
+#define REGOPTIM_ABI_VERSION 4
 
 // Element loops are vectorized explicitly (the selects on runtime flags become blends).
 #if defined(_OPENMP) || defined(REGOPTIM_OPENMP_SIMD)
 #define REGOPTIM_SIMD _Pragma("omp simd")
+#define REGOPTIM_SIMD_SUM _Pragma("omp simd reduction(+ : norm)")
 #else
 #define REGOPTIM_SIMD
+#define REGOPTIM_SIMD_SUM
 #endif
 
 namespace {
@@ -214,17 +220,20 @@ struct SgdScalars {
 // TAIL: on the last numel % (torch's vector width) elements of a tensor torch's kernel runs its
 // scalar loop, where the compiler contracted the momentum update the other way round:
 // fma(b, mu, g * (1 - dampening)) instead of fma(1 - dampening, g, b * mu).
+// NORM: also add the sum of squares of the stored results to *norm_out (the group-lasso step's
+// per-group norms, regoptim/backends/cpu/csrc/group_blocks.h; in double, free in this memory-bound loop); the
+// update itself is the same.
 template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int TAIL,
-          int FM>
+          int FM, bool NORM = false>
 void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
               typename S::T* __restrict b, int64_t n, const SgdScalars& sc,
-              uint32_t tail_mask) {
+              uint32_t tail_mask, double* __restrict norm_out = nullptr) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, mu = sc.mu, damp1 = sc.damp1,
               decay = sc.decay, neg_lr = sc.neg_lr, t = sc.l1_t;
   const uint32_t max_mask = sc.max_mask, wd_mask = sc.wd_mask, first_mask = sc.first_mask,
                  nesterov_mask = sc.nesterov_mask, l1_mask = sc.l1_mask, fm = sc.fma_mask;
-  REGOPTIM_SIMD
-  for (int64_t i = 0; i < n; ++i) {
+  // one element; returns the stored parameter
+  const auto elem = [&](int64_t i) {
     float gv = S::ld(g[i]);
     if (SCALE) {
       gv = gv / scale;
@@ -247,7 +256,21 @@ void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
     pv = pv * decay;
     pv = madd<FM>(fm, gv, neg_lr, pv);
     pv = pick<L1>(l1_mask, soft_threshold(pv, t), pv);
-    p[i] = S::st(pv);
+    const typename S::T stored = S::st(pv);
+    p[i] = stored;
+    return stored;
+  };
+  if constexpr (NORM) {
+    double norm = 0.0;
+    REGOPTIM_SIMD_SUM
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = S::ld(elem(i));
+      norm += static_cast<double>(x * x);
+    }
+    *norm_out += norm;
+  } else {
+    REGOPTIM_SIMD
+    for (int64_t i = 0; i < n; ++i) elem(i);
   }
 }
 
@@ -267,11 +290,15 @@ struct AdamScalars {
 
 // TAIL as for SGD: torch's scalar loop contracts v * beta2 + (1 - beta2) * g * g as
 // fma(v, beta2, ...) where its vector loop has fma(..., g, v * beta2).
-template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL, int FM>
+// DEN: also write each element's denominator d = sqrt(v_hat) / sqrt(bc2) + eps to `den` (the
+// group-lasso step's metric, regoptim/backends/cpu/csrc/group_lasso.h); the update itself is the same.
+template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL, int FM,
+          bool DEN = false>
 void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
                typename S::T* __restrict m, typename S::T* __restrict v,
                typename S::T* __restrict vmax, int64_t n, const AdamScalars& sc,
-               float neg_step_size, float bc2_sqrt, float inv_bc2_sqrt, uint32_t tail_mask) {
+               float neg_step_size, float bc2_sqrt, float inv_bc2_sqrt, uint32_t tail_mask,
+               float* __restrict den_out = nullptr) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, decay = sc.decay, lw = sc.lerp_w,
               beta2 = sc.beta2, c2 = sc.c2, eps = sc.eps, lr_l1 = sc.lr_l1;
   const uint32_t small_mask = sc.small_mask, max_mask = sc.max_mask, wd_mask = sc.wd_mask,
@@ -304,11 +331,13 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
       // second one: the divider is the bottleneck of this loop. The step may differ by an ulp
       // or two from torch's (-lr/bc1 * m) / (sqrt(v) / sqrt(bc2) + eps) (torch has no L1).
       const float den = std::fma(std::sqrt(vv), inv_bc2_sqrt, eps);
+      if (DEN) den_out[i] = den;
       const float inv = 1.0f / den;
       pv = pv + (neg_step_size * mv) * inv;
       pv = soft_threshold(pv, lr_l1 * inv);
     } else {
       const float den = std::sqrt(vv) / bc2_sqrt + eps;
+      if (DEN) den_out[i] = den;
       pv = pv + (neg_step_size * mv) / den;
     }
     p[i] = S::st(pv);
@@ -370,7 +399,7 @@ inline T* ptr(const int64_t* table, int64_t k) {
 
 // Runs `lean` on the body of each tensor and `generic` (all flags at run time) on torch's scalar
 // tails; both are called as f(k, offset, length, tail_mask).
-template <class S, class Lean, class Generic>
+template <class Lean, class Generic>
 void run_split(int64_t n, const int64_t* numels, int nthreads, int64_t tail_width,
                const Lean& lean, const Generic& generic) {
   for_each_range(n, numels, nthreads, tail_width,
@@ -380,61 +409,67 @@ void run_split(int64_t n, const int64_t* numels, int nthreads, int64_t tail_widt
                  });
 }
 
-template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int FM>
-void sgd_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
-             const int64_t* bs, const SgdScalars& sc, int nthreads, int64_t tail_width) {
+// A family's update with its flags picked, handed to a driver as two span functions: `lean`
+// (flags compiled in) for the body of each tensor, `generic` (every flag at run time) for torch's
+// scalar tails, called as f(k, offset, length, tail_mask) (Adam: plus a `float* den` output, used
+// when DEN). `drive(lean, generic)` decides which elements they run on: all of them in one pass
+// (run_split, the plain step), or blocks of groups followed by the group prox (group_lasso.h).
+template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int FM,
+          class Drive>
+void sgd_run(const int64_t* ps, const int64_t* gs, const int64_t* bs, const SgdScalars& sc,
+             const Drive& drive) {
   using T = typename S::T;
   auto kernel = [&](auto lean_tag) {
     constexpr bool lean = decltype(lean_tag)::value;
-    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
+    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail, double* norm) {
       T* b = MOM ? ptr<T>(bs, k) + off : nullptr;
+      T* p = ptr<T>(ps, k) + off;
+      T* g = ptr<T>(gs, k) + off;
+      constexpr int R = kRuntime;
       if constexpr (lean) {
-        sgd_span<S, SCALE, MOM, MAX, WD, FIRST, NEST, L1, kOff, FM>(
-            ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc, tail);
+        if (norm) sgd_span<S, SCALE, MOM, MAX, WD, FIRST, NEST, L1, kOff, FM, true>(p, g, b, len, sc, tail, norm);
+        else sgd_span<S, SCALE, MOM, MAX, WD, FIRST, NEST, L1, kOff, FM>(p, g, b, len, sc, tail);
       } else {
-        sgd_span<S, SCALE, MOM, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime,
-                 kRuntime>(
-            ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, b, len, sc, tail);
+        if (norm) sgd_span<S, SCALE, MOM, R, R, R, R, R, R, R, true>(p, g, b, len, sc, tail, norm);
+        else sgd_span<S, SCALE, MOM, R, R, R, R, R, R, R>(p, g, b, len, sc, tail);
       }
     };
   };
-  run_split<S>(n, numels, nthreads, tail_width, kernel(std::true_type{}),
-               kernel(std::false_type{}));
+  drive(kernel(std::true_type{}), kernel(std::false_type{}));
 }
 
-template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int FM>
-void adam_run(int64_t n, const int64_t* numels, const int64_t* ps, const int64_t* gs,
-              const int64_t* ms, const int64_t* vs, const int64_t* vmaxs, const float* neg_ss,
-              const float* bc2s, const AdamScalars& sc, int nthreads, int64_t tail_width) {
+template <class S, bool DEN, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int FM,
+          class Drive>
+void adam_run(int64_t n, const int64_t* ps, const int64_t* gs, const int64_t* ms,
+              const int64_t* vs, const int64_t* vmaxs, const float* neg_ss, const float* bc2s,
+              const AdamScalars& sc, const Drive& drive) {
   const float* ibc2s = bc2s + n;  // 1 / sqrt(bc2), stored after sqrt(bc2)
   using T = typename S::T;
   auto kernel = [&](auto lean_tag) {
     constexpr bool lean = decltype(lean_tag)::value;
-    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail) {
+    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail, float* den) {
       T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
       if constexpr (lean) {
-        adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff, FM>(
+        adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff, FM, DEN>(
             ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
-            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail);
+            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail, den);
       } else {
-        adam_span<S, SCALE, AMS, L1, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime>(
+        adam_span<S, SCALE, AMS, L1, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime, DEN>(
             ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
-            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail);
+            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail, den);
       }
     };
   };
-  run_split<S>(n, numels, nthreads, tail_width, kernel(std::true_type{}),
-               kernel(std::false_type{}));
+  drive(kernel(std::true_type{}), kernel(std::false_type{}));
 }
 
 // Flag dispatch. Template parameters for what changes the memory touched (grad write-back,
 // momentum / max buffers) or adds real work (Adam's prox division). Lean kernels (flags
 // compiled in) for the common cases: float32 / bfloat16, no maximize, no grad scale, and for
 // SGD not the first step and no Nesterov; everything else runs with flags as run-time masks.
-template <class S>
-void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
-                  const int64_t* gs, const int64_t* bs, const SgdScalars& sc, int nthreads,
-                  int64_t tw) {
+template <class S, class Drive>
+void sgd_dispatch(int flags, const int64_t* ps, const int64_t* gs, const int64_t* bs,
+                  const SgdScalars& sc, const Drive& drive) {
   constexpr int R = kRuntime;
   const bool scale = (flags & kHasScale) != 0, mom = (flags & kMomentum) != 0;
   const bool lean = !std::is_same<S, F16>::value &&
@@ -444,7 +479,7 @@ void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps
 #define REGOPTIM_SGD_LEAN(K)                                                                   \
   case K:                                                                                      \
     sgd_run<S, false, (K & 4) != 0, kOff, (K & 2) ? kOn : kOff, kOff, kOff, (K & 1) ? kOn : kOff, kOn>( \
-        n, numels, ps, gs, bs, sc, nthreads, tw);                                              \
+        ps, gs, bs, sc, drive);                                                                \
     return;
     switch (key) {
       REGOPTIM_SGD_LEAN(0) REGOPTIM_SGD_LEAN(1) REGOPTIM_SGD_LEAN(2) REGOPTIM_SGD_LEAN(3)
@@ -453,17 +488,16 @@ void sgd_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps
     }
 #undef REGOPTIM_SGD_LEAN
   }
-  if (scale && mom) sgd_run<S, true, true, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else if (scale) sgd_run<S, true, false, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else if (mom) sgd_run<S, false, true, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
-  else sgd_run<S, false, false, R, R, R, R, R, R>(n, numels, ps, gs, bs, sc, nthreads, tw);
+  if (scale && mom) sgd_run<S, true, true, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
+  else if (scale) sgd_run<S, true, false, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
+  else if (mom) sgd_run<S, false, true, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
+  else sgd_run<S, false, false, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
 }
 
-template <class S>
-void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
-                   const int64_t* gs, const int64_t* ms, const int64_t* vs,
-                   const int64_t* vmaxs, const float* nss, const float* b2s,
-                   const AdamScalars& sc, int nthreads, int64_t tw) {
+template <class S, bool DEN, class Drive>
+void adam_dispatch(int flags, int64_t n, const int64_t* ps, const int64_t* gs,
+                   const int64_t* ms, const int64_t* vs, const int64_t* vmaxs, const float* nss,
+                   const float* b2s, const AdamScalars& sc, const Drive& drive) {
   constexpr int R = kRuntime;
   const bool lean = !std::is_same<S, F16>::value && !(flags & (kHasScale | kMaximize | kAmsgrad | kNoFma)) &&
                     sc.small_mask != 0;
@@ -471,8 +505,8 @@ void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* p
     const int key = ((flags & kCoupledWd) ? 2 : 0) | ((flags & kL1) ? 1 : 0);
 #define REGOPTIM_ADAM_LEAN(K)                                                              \
   case K:                                                                                  \
-    adam_run<S, false, false, (K & 1) != 0, kOff, (K & 2) ? kOn : kOff, kOn, kOn>(              \
-        n, numels, ps, gs, ms, vs, vmaxs, nss, b2s, sc, nthreads, tw);                     \
+    adam_run<S, DEN, false, false, (K & 1) != 0, kOff, (K & 2) ? kOn : kOff, kOn, kOn>(         \
+        n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);                                    \
     return;
     switch (key) {
       REGOPTIM_ADAM_LEAN(0) REGOPTIM_ADAM_LEAN(1) REGOPTIM_ADAM_LEAN(2) REGOPTIM_ADAM_LEAN(3)
@@ -484,8 +518,8 @@ void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* p
                   ((flags & kL1) ? 1 : 0);
 #define REGOPTIM_ADAM_CASE(K)                                                              \
   case K:                                                                                  \
-    adam_run<S, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R, R>(                        \
-        n, numels, ps, gs, ms, vs, vmaxs, nss, b2s, sc, nthreads, tw);                     \
+    adam_run<S, DEN, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R, R>(                   \
+        n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);                                    \
     break;
   switch (key) {
     REGOPTIM_ADAM_CASE(0) REGOPTIM_ADAM_CASE(1) REGOPTIM_ADAM_CASE(2) REGOPTIM_ADAM_CASE(3)
@@ -493,6 +527,115 @@ void adam_dispatch(int flags, int64_t n, const int64_t* numels, const int64_t* p
     default: break;
   }
 #undef REGOPTIM_ADAM_CASE
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalars of one step, shared by the plain and the group-lasso entry points.
+
+SgdScalars sgd_scalars(double lr, double weight_decay, double momentum, double dampening,
+                       double decay, double l1_t, double grad_scale, int flags) {
+  const auto mask = [flags](int f) { return (flags & f) ? 0xFFFFFFFFu : 0u; };
+  SgdScalars sc;
+  sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
+  sc.scale = static_cast<float>(grad_scale);
+  sc.wd = static_cast<float>(weight_decay);
+  sc.mu = static_cast<float>(momentum);
+  sc.damp1 = static_cast<float>(1.0 - dampening);
+  sc.decay = static_cast<float>(decay);
+  sc.neg_lr = static_cast<float>(-lr);
+  sc.l1_t = static_cast<float>(l1_t);
+  sc.max_mask = mask(kMaximize);
+  sc.wd_mask = mask(kCoupledWd);
+  sc.first_mask = mask(kFirstStep);
+  sc.nesterov_mask = mask(kNesterov);
+  sc.l1_mask = mask(kL1);
+  sc.fma_mask = ~mask(kNoFma);
+  return sc;
+}
+
+// Adam's scalars, and per tensor its step size and bias corrections (in double as torch: the
+// step counters may differ per tensor), after incrementing the step counters.
+struct AdamStep {
+  AdamScalars sc;
+  std::vector<float> neg_ss;  // -lr / bc1 per tensor
+  std::vector<float> bc2s;    // sqrt(bc2) per tensor, then 1 / sqrt(bc2) per tensor
+};
+
+void adam_setup(AdamStep& a, int64_t n, const int64_t* steps, double lr, double beta1,
+                double beta2, double eps, double weight_decay, double decay, double lr_l1,
+                double grad_scale, int flags) {
+  AdamScalars& sc = a.sc;
+  sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
+  sc.scale = static_cast<float>(grad_scale);
+  sc.wd = static_cast<float>(weight_decay);
+  sc.decay = static_cast<float>(decay);
+  const float c1 = static_cast<float>(1.0 - beta1);
+  const bool small = std::fabs(c1) < 0.5f;
+  sc.small_mask = small ? 0xFFFFFFFFu : 0u;
+  sc.lerp_w = small ? c1 : c1 - 1.0f;
+  sc.wd_mask = (flags & kCoupledWd) ? 0xFFFFFFFFu : 0u;
+  sc.max_mask = (flags & kMaximize) ? 0xFFFFFFFFu : 0u;
+  sc.beta2 = static_cast<float>(beta2);
+  sc.c2 = static_cast<float>(1.0 - beta2);
+  sc.eps = static_cast<float>(eps);
+  sc.lr_l1 = static_cast<float>(lr_l1);
+  sc.fma_mask = (flags & kNoFma) ? 0u : 0xFFFFFFFFu;
+
+  a.neg_ss.assign(static_cast<size_t>(n), 0.0f);
+  a.bc2s.assign(2 * static_cast<size_t>(n), 0.0f);
+  float last_step = -1.0f;
+  float last_neg_ss = 0.0f, last_bc2s = 0.0f, last_ibc2s = 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    float* sp = ptr<float>(steps, k);
+    const float step = *sp + 1.0f;
+    *sp = step;
+    if (step != last_step) {
+      const double s = static_cast<double>(step);
+      const double bc1 = 1.0 - std::pow(beta1, s);
+      const double bc2 = 1.0 - std::pow(beta2, s);
+      last_neg_ss = static_cast<float>(-(lr / bc1));
+      last_bc2s = static_cast<float>(std::sqrt(bc2));
+      last_ibc2s = static_cast<float>(1.0 / std::sqrt(bc2));
+      last_step = step;
+    }
+    a.neg_ss[k] = last_neg_ss;
+    a.bc2s[k] = last_bc2s;
+    a.bc2s[n + k] = last_ibc2s;
+  }
+}
+
+}  // namespace
+
+namespace {
+
+template <class S>
+void sgd_plain(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
+               const int64_t* gs, const int64_t* bs, const SgdScalars& sc, int nthreads,
+               int64_t tw) {
+  sgd_dispatch<S>(flags, ps, gs, bs, sc, [&](const auto& lean, const auto& generic) {
+    run_split(
+        n, numels, nthreads, tw,
+        [&](int64_t k, int64_t off, int64_t len, uint32_t t) { lean(k, off, len, t, nullptr); },
+        [&](int64_t k, int64_t off, int64_t len, uint32_t t) {
+          generic(k, off, len, t, nullptr);
+        });
+  });
+}
+
+template <class S>
+void adam_plain(int flags, int64_t n, const int64_t* numels, const int64_t* ps,
+                const int64_t* gs, const int64_t* ms, const int64_t* vs, const int64_t* vmaxs,
+                const AdamStep& a, int nthreads, int64_t tw) {
+  adam_dispatch<S, false>(flags, n, ps, gs, ms, vs, vmaxs, a.neg_ss.data(), a.bc2s.data(), a.sc,
+                          [&](const auto& lean, const auto& generic) {
+                            run_split(n, numels, nthreads, tw,
+                                      [&](int64_t k, int64_t off, int64_t len, uint32_t t) {
+                                        lean(k, off, len, t, nullptr);
+                                      },
+                                      [&](int64_t k, int64_t off, int64_t len, uint32_t t) {
+                                        generic(k, off, len, t, nullptr);
+                                      });
+                          });
 }
 
 }  // namespace
@@ -516,27 +659,13 @@ int regoptim_sgd(int dtype, int64_t n, const int64_t* numels, const int64_t* par
                  const int64_t* grads, const int64_t* bufs, double lr, double weight_decay,
                  double momentum, double dampening, double decay, double l1_t,
                  double grad_scale, int flags, int nthreads, int64_t tail_width) {
-  const auto mask = [flags](int f) { return (flags & f) ? 0xFFFFFFFFu : 0u; };
-  SgdScalars sc;
-  sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
-  sc.scale = static_cast<float>(grad_scale);
-  sc.wd = static_cast<float>(weight_decay);
-  sc.mu = static_cast<float>(momentum);
-  sc.damp1 = static_cast<float>(1.0 - dampening);
-  sc.decay = static_cast<float>(decay);
-  sc.neg_lr = static_cast<float>(-lr);
-  sc.l1_t = static_cast<float>(l1_t);
-  sc.max_mask = mask(kMaximize);
-  sc.wd_mask = mask(kCoupledWd);
-  sc.first_mask = mask(kFirstStep);
-  sc.nesterov_mask = mask(kNesterov);
-  sc.l1_mask = mask(kL1);
-  sc.fma_mask = ~mask(kNoFma);
+  const SgdScalars sc =
+      sgd_scalars(lr, weight_decay, momentum, dampening, decay, l1_t, grad_scale, flags);
   const int64_t tw = tail_width;
   switch (dtype) {
-    case kFloat32: sgd_dispatch<F32>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
-    case kBFloat16: sgd_dispatch<BF16>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
-    case kFloat16: sgd_dispatch<F16>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
+    case kFloat32: sgd_plain<F32>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
+    case kBFloat16: sgd_plain<BF16>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
+    case kFloat16: sgd_plain<F16>(flags, n, numels, params, grads, bufs, sc, nthreads, tw); break;
     default: return -1;
   }
   return 0;
@@ -550,62 +679,29 @@ int regoptim_adam(int dtype, int64_t n, const int64_t* numels, const int64_t* pa
                   const int64_t* max_exp_avg_sqs, const int64_t* steps, double lr, double beta1,
                   double beta2, double eps, double weight_decay, double decay, double lr_l1,
                   double grad_scale, int flags, int nthreads, int64_t tail_width) {
-  AdamScalars sc;
-  sc.sign = (flags & kMaximize) ? -1.0f : 1.0f;
-  sc.scale = static_cast<float>(grad_scale);
-  sc.wd = static_cast<float>(weight_decay);
-  sc.decay = static_cast<float>(decay);
-  const float c1 = static_cast<float>(1.0 - beta1);
-  const bool small = std::fabs(c1) < 0.5f;
-  sc.small_mask = small ? 0xFFFFFFFFu : 0u;
-  sc.lerp_w = small ? c1 : c1 - 1.0f;
-  sc.wd_mask = (flags & kCoupledWd) ? 0xFFFFFFFFu : 0u;
-  sc.max_mask = (flags & kMaximize) ? 0xFFFFFFFFu : 0u;
-  sc.beta2 = static_cast<float>(beta2);
-  sc.c2 = static_cast<float>(1.0 - beta2);
-  sc.eps = static_cast<float>(eps);
-  sc.lr_l1 = static_cast<float>(lr_l1);
-  sc.fma_mask = (flags & kNoFma) ? 0u : 0xFFFFFFFFu;
-
-  // Per-tensor bias corrections, in double as torch (step counters may differ per tensor).
-  std::vector<float> neg_ss(static_cast<size_t>(n)), bc2s(2 * static_cast<size_t>(n));
-  float last_step = -1.0f;
-  float last_neg_ss = 0.0f, last_bc2s = 0.0f, last_ibc2s = 0.0f;
-  for (int64_t k = 0; k < n; ++k) {
-    float* sp = ptr<float>(steps, k);
-    const float step = *sp + 1.0f;
-    *sp = step;
-    if (step != last_step) {
-      const double s = static_cast<double>(step);
-      const double bc1 = 1.0 - std::pow(beta1, s);
-      const double bc2 = 1.0 - std::pow(beta2, s);
-      last_neg_ss = static_cast<float>(-(lr / bc1));
-      last_bc2s = static_cast<float>(std::sqrt(bc2));
-      last_ibc2s = static_cast<float>(1.0 / std::sqrt(bc2));
-      last_step = step;
-    }
-    neg_ss[k] = last_neg_ss;
-    bc2s[k] = last_bc2s;
-    bc2s[n + k] = last_ibc2s;
-  }
-  const float* nss = neg_ss.data();
-  const float* b2s = bc2s.data();
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return -1;
+  AdamStep a;
+  adam_setup(a, n, steps, lr, beta1, beta2, eps, weight_decay, decay, lr_l1, grad_scale, flags);
+  const int64_t* vm = max_exp_avg_sqs;
   switch (dtype) {
     case kFloat32:
-      adam_dispatch<F32>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                         nss, b2s, sc, nthreads, tail_width);
+      adam_plain<F32>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs, vm, a, nthreads,
+                      tail_width);
       break;
     case kBFloat16:
-      adam_dispatch<BF16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs,
-                          max_exp_avg_sqs, nss, b2s, sc, nthreads, tail_width);
+      adam_plain<BF16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs, vm, a, nthreads,
+                       tail_width);
       break;
-    case kFloat16:
-      adam_dispatch<F16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs,
-                         max_exp_avg_sqs, nss, b2s, sc, nthreads, tail_width);
+    default:
+      adam_plain<F16>(flags, n, numels, params, grads, exp_avgs, exp_avg_sqs, vm, a, nthreads,
+                      tail_width);
       break;
-    default: return -1;
   }
   return 0;
 }
 
 }  // extern "C"
+
+// Group lasso: the block driver and the entry points regoptim_sgd_group / regoptim_adam_group
+// (group_blocks.h), the group prox (group_lasso.h).
+#include "group_blocks.h"
