@@ -10,9 +10,9 @@ For each family these step on the same parameters and gradients, interleaved rou
   no regularizer: the baseline;
 * ``regoptim-fused-noreg``: ``ProxSGD`` / ``ProxAdam`` with ``fused=True``, no regularizer;
 * ``regoptim-group-cpp``: the group-lasso C++ kernel (``regoptim.backends.cpu.group``) called directly;
-* ``regoptim-group-optimizer``: ``ProxSGD`` / ``ProxAdam(group_l1=..., fused=True)``, whatever
-  path the optimizer takes for it (the fused step then the eager group prox, until the
-  dispatcher calls the kernel above).
+* ``regoptim-group-optimizer``: ``ProxSGD`` / ``ProxAdam(group_l1=...)`` on the default path (no
+  ``fused`` or ``foreach`` argument), as a user runs it: the optimizer's dispatch
+  (``regoptim.backends.group_step``) calling the kernel above.
 
 ``group_l1`` is small (1e-2, lr 1e-3): every group stays alive, Adam's Newton iteration runs on
 every group (its costly case). The table gives the median ms per step, the ratio to
@@ -104,12 +104,12 @@ def make(family: str, impl: str, params: list[Tensor]) -> Callable[[], None]:
     if family == "sgd":
         if impl == "torch-fused":
             return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, fused=True).step
-        kw = {"group_l1": GROUP_L1} if impl == "regoptim-group-optimizer" else {}
-        return regoptim.ProxSGD(params, lr=LR, momentum=MOMENTUM, fused=True, **kw).step
+        kw = {"group_l1": GROUP_L1} if impl == "regoptim-group-optimizer" else {"fused": True}
+        return regoptim.ProxSGD(params, lr=LR, momentum=MOMENTUM, **kw).step
     if impl == "torch-fused":
         return torch.optim.Adam(params, lr=LR, fused=True).step
-    kw = {"group_l1": GROUP_L1} if impl == "regoptim-group-optimizer" else {}
-    return regoptim.ProxAdam(params, lr=LR, fused=True, **kw).step
+    kw = {"group_l1": GROUP_L1} if impl == "regoptim-group-optimizer" else {"fused": True}
+    return regoptim.ProxAdam(params, lr=LR, **kw).step
 
 
 def make_params(total: int, rows: int, gen: torch.Generator) -> list[Tensor]:
