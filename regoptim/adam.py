@@ -88,7 +88,8 @@ class ProxAdam(ProxOptimizer):
     :math:`\|d \odot z\|_2 \le c`; otherwise :math:`x_i = d_i z_i \rho / (d_i \rho + c)`, where
     :math:`\rho = \|x\|_2` is the root in :math:`(0, \|z\|]` of
     :math:`\sum_i (d_i z_i / (d_i \rho + c))^2 = 1`, solved per group to the parameter's float
-    precision (safeguarded Newton, vectorised over the groups; ``regoptim.regularizers.group_lasso``). Group
+    precision (safeguarded Newton: per group in the fused kernels, vectorised over the groups in
+    torch, ``regoptim.regularizers.group_lasso``). Group
     :math:`g` is slice :math:`g` of every parameter of the param group along its axis in
     ``group_axes``. The prox covers the param group's parameters without a gradient this step too
     (the step leaves them as they are), with :math:`d` from their state's last update, or
@@ -110,9 +111,11 @@ class ProxAdam(ProxOptimizer):
         l1: L1 strength :math:`\kappa` of the proximal step (default: 0).
         group_l1: group lasso strength :math:`\eta` (default: 0), unweighted: every group has
             the same strength whatever its size (to weight by size, as Yuan & Lin, give each group
-            size its own param group with ``group_l1`` times ``sqrt(group size)``). regoptim's fused
-            kernels do not implement it: the default path takes torch's paths for such a group,
-            and ``fused=True`` runs the fused step, then the group prox in torch.
+            size its own param group with ``group_l1`` times ``sqrt(group size)``). A param group
+            whose parameters all have gradients and are contiguous tensors of one device and
+            kernel dtype runs its step and group prox in one call of regoptim's fused kernels
+            (C++ on CPU, Triton on CUDA; ``regoptim.backends.group_step``); any other runs the
+            step, then the group prox in torch.
         group_axes: the group axis of each parameter of the param group (``None``, the default:
             0 for each; negative axes count from the end). Every parameter needs the same size
             along its axis, and 0-d and complex parameters cannot be grouped.

@@ -102,9 +102,11 @@ class ProxSGD(ProxOptimizer):
         group_l1: group lasso strength :math:`\eta` (default: 0), unweighted: every group has
             the same strength whatever its size. To weight by group size as Yuan & Lin do, put
             groups of one size in their own param group with ``group_l1`` times
-            ``sqrt(group size)``. regoptim's fused kernels do not implement it: the default path
-            takes torch's paths for such a group, and ``fused=True`` runs the fused step, then
-            the group prox in torch.
+            ``sqrt(group size)``. A param group whose parameters all have gradients and are
+            contiguous tensors of one device and kernel dtype runs its step and group prox in
+            one call of regoptim's fused kernels (C++ on CPU, Triton on CUDA;
+            ``regoptim.backends.group_step``); any other runs the step, then the group prox in
+            torch.
         group_axes: the group axis of each parameter of the param group (``None``, the default:
             0 for each; negative axes count from the end). Every parameter needs the same size
             along its axis, and 0-d and complex parameters cannot be grouped.
