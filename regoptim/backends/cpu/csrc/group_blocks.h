@@ -26,7 +26,7 @@
 // Norms. SGD: parts of kNormInSpan elements or more get their sum of squares from the update
 // span itself (sgd_span's NORM: a double accumulator per part, free in that memory-bound loop),
 // shorter ones (biases, column groups) from a pass over the block's runs (add_sumsq). Adam: from
-// a pass over the group (group_rho).
+// a pass over the group (group_diag_prox).
 //
 // Every group is computed by one thread in an order that depends on the layout only: 1 or N
 // threads give bitwise the same result.
@@ -54,12 +54,13 @@ struct GroupFamily {
   int64_t bytes_per_element;
   int64_t scratch_per_element;
   int64_t scratch_per_group;
+  int64_t scratch_groups;  // floats per thread of this many whole groups besides the block's
 };
 // SGD: param, grad, momentum (4 bytes each at most); per group a double sum and a float factor.
-constexpr GroupFamily kSgdGroup{12, 0, 3};
+constexpr GroupFamily kSgdGroup{12, 0, 3, 0};
 // Adam: param, grad, two moments, max (4 bytes each at most); the update's denominators in
-// the tensors' order, then z and d in the groups' order.
-constexpr GroupFamily kAdamGroup{20 + 12, 3, 0};
+// the tensors' order, then z and d in the groups' order; and one group's x at a Newton iterate.
+constexpr GroupFamily kAdamGroup{20 + 12, 3, 0, 1};
 
 struct GroupLayout {
   int64_t ntensors = 0;
@@ -102,7 +103,8 @@ GroupLayout group_layout(int64_t n, const int64_t* numels, const int64_t* outer,
   }
   b = std::min(b, (ngroups + nt - 1) / nt);
   lay.per_block = b;
-  const int64_t floats = b * (fam.scratch_per_element * g + fam.scratch_per_group);
+  const int64_t floats =
+      b * (fam.scratch_per_element * g + fam.scratch_per_group) + fam.scratch_groups * g;
   lay.scratch_per_thread = (floats + kLineFloats - 1) / kLineFloats * kLineFloats;
   return lay;
 }
@@ -203,6 +205,7 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
     float* run_den = scratch + tid * lay.scratch_per_thread;  // the tensors' order
     float* zs = run_den + lay.per_block * gn;  // gathered: z of each group, the groups' order
     float* ds = zs + lay.per_block * gn;  // gathered: d of each group
+    float* xbuf = ds + lay.per_block * gn;  // one group's x at the current Newton iterate
     GroupPart<T> parts[kMaxInPlaceParts];
     const GroupPart<float> gathered{zs, ds, gn, gn};
     const int64_t gend = n * (tid + 1) / nthr;
@@ -235,11 +238,11 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
       // 2. the prox of each group
       if (in_place) {
         for (int64_t g = 0; g < nb; ++g)
-          group_diag_shrink<S>(parts, nparts, g, group_rho<S>(parts, nparts, g, c), c);
+          group_diag_prox<S>(parts, nparts, g, c, xbuf);
         continue;
       }
       for (int64_t g = 0; g < nb; ++g)
-        group_diag_shrink<F32>(&gathered, 1, g, group_rho<F32>(&gathered, 1, g, c), c);
+        group_diag_prox<F32>(&gathered, 1, g, c, xbuf);
       // 3. gathered: back to the parameters
       pos = 0;
       for (int64_t k = 0; k < lay.ntensors; ++k) {

@@ -157,11 +157,19 @@ struct GroupPart {
 };
 constexpr int64_t kMaxInPlaceParts = 64;
 
-// rho for group g: 0 for a group that is exactly zero, NaN when ||z|| or ||d z|| is not finite.
-// Newton on psi = h^(-1/2) - 1 from the bracket's left end, a step that leaves the bracket
-// replaced by bisection; the bracket as group_prox._solve_rho.
+// Group g <- its prox in the metric diag(d): z d rho / (d rho + c), 0 (||d z|| <= c), or NaN
+// (||z|| or ||d z|| not finite). rho by Newton on psi = h^(-1/2) - 1, safeguarded by the bracket
+// of group_prox._solve_rho (a step that leaves it is replaced by bisection), started at
+// rho0 = ||z|| (1 - c / ||d z||): the root when d is constant over the group, inside the bracket
+// always (||d z|| / ||z|| is between min d and max d). Each evaluation at rho_k also writes
+// x_i(rho_k) = (d_i z_i r_i) rho_k (r_i = 1 / (d_i rho_k + c), already computed there) to `xbuf`
+// (one group's worth of scratch); when the Newton step from rho_k moves rho by at most 4 float32
+// ulps, x(rho_k) is the result (copied to the group), so no evaluation is spent only to confirm
+// convergence and no shrink pass is needed. After kGroupMaxIters evaluations without that, the
+// group is shrunk at the last iterate (one more pass).
 template <class S>
-double group_rho(const GroupPart<typename S::T>* parts, int64_t nparts, int64_t g, double c) {
+void group_diag_prox(const GroupPart<typename S::T>* parts, int64_t nparts, int64_t g, double c,
+                     float* __restrict xbuf) {
   double nz2 = 0.0, na2 = 0.0;
   float dmin = std::numeric_limits<float>::infinity(), dmax = 0.0f;
   for (int64_t q = 0; q < nparts; ++q) {
@@ -207,27 +215,40 @@ double group_rho(const GroupPart<typename S::T>* parts, int64_t nparts, int64_t 
       dmax = hi[j] > dmax ? hi[j] : dmax;
     }
   }
-  if (!std::isfinite(nz2) || !std::isfinite(na2)) return std::numeric_limits<double>::quiet_NaN();
+  const bool nan = !std::isfinite(nz2) || !std::isfinite(na2);
   const double norm_a = std::sqrt(na2);
-  if (norm_a <= c) return 0.0;
-  double hi = std::sqrt(nz2);
+  if (nan || norm_a <= c) {
+    const typename S::T fill = S::st(nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f);
+    for (int64_t j = 0; j < nparts; ++j) {
+      typename S::T* __restrict z = parts[j].z + g * parts[j].stride;
+      const int64_t m = parts[j].len;
+      REGOPTIM_SIMD
+      for (int64_t i = 0; i < m; ++i) z[i] = fill;
+    }
+    return;
+  }
+  const double norm_z = std::sqrt(nz2);
+  double hi = norm_z;
   double lo = std::max(std::max(hi - c / dmin, 0.0), (norm_a - c) / dmax);
   hi = std::min(hi, (norm_a - c) / dmin);
-  double rho = lo;
+  double rho = std::min(std::max(norm_z * ((norm_a - c) / norm_a), lo), hi);
   const float cf = static_cast<float>(c);
   for (int64_t it = 0; it < kGroupMaxIters; ++it) {
     const float rf = static_cast<float>(rho);
     double h = 0.0, s3 = 0.0;  // sum a^2 r^2, sum a^2 d r^3 (= -h'/2), r = 1 / (d rho + c)
+    float* xo = xbuf;
     for (int64_t j = 0; j < nparts; ++j) {
       const typename S::T* __restrict z = parts[j].z + g * parts[j].stride;
       const float* __restrict d = parts[j].d + g * parts[j].stride;
       const int64_t m = parts[j].len;
+      float* __restrict x = xo;
       double s1, s2;
       sum_pos2(
           m,
           [&](int64_t i, float& hq, float& sq) {
             const float r = 1.0f / (d[i] * rf + cf);
             const float ar = d[i] * S::ld(z[i]) * r;
+            x[i] = ar * rf;
             const float q = ar * ar;
             hq = q;
             sq = q * d[i] * r;
@@ -235,34 +256,31 @@ double group_rho(const GroupPart<typename S::T>* parts, int64_t nparts, int64_t 
           s1, s2);
       h += s1;
       s3 += s2;
+      xo += m;
     }
     if (h > 1.0) lo = rho;  // rho is left of the root
     else hi = rho;
     double next = rho + h * (std::sqrt(h) - 1.0) / s3;
     if (!(next >= lo && next <= hi)) next = 0.5 * (lo + hi);
-    const bool done = std::fabs(next - rho) <= 4.0 * FLT_EPSILON * next;
+    if (std::fabs(next - rho) <= 4.0 * FLT_EPSILON * next) {  // x(rho) is the prox
+      const float* xi = xbuf;
+      for (int64_t j = 0; j < nparts; ++j) {
+        typename S::T* __restrict z = parts[j].z + g * parts[j].stride;
+        const int64_t m = parts[j].len;
+        REGOPTIM_SIMD
+        for (int64_t i = 0; i < m; ++i) z[i] = S::st(xi[i]);
+        xi += m;
+      }
+      return;
+    }
     rho = next;
-    if (done) break;
   }
-  return rho;
-}
-
-// Group g <- its prox, given rho from group_rho: z d rho / (d rho + c), 0, or NaN.
-template <class S>
-void group_diag_shrink(const GroupPart<typename S::T>* parts, int64_t nparts, int64_t g,
-                       double rho, double c) {
-  const float rf = static_cast<float>(rho), cf = static_cast<float>(c);
-  const bool nan = rho != rho, zero = rho == 0.0;
+  // no convergence (not seen): shrink at the last iterate
+  const float rf = static_cast<float>(rho);
   for (int64_t j = 0; j < nparts; ++j) {
     typename S::T* __restrict z = parts[j].z + g * parts[j].stride;
     const float* __restrict d = parts[j].d + g * parts[j].stride;
     const int64_t m = parts[j].len;
-    if (nan || zero) {
-      const typename S::T fill = S::st(nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f);
-      REGOPTIM_SIMD
-      for (int64_t i = 0; i < m; ++i) z[i] = fill;
-      continue;
-    }
     REGOPTIM_SIMD
     for (int64_t i = 0; i < m; ++i) {
       const float dr = d[i] * rf;
