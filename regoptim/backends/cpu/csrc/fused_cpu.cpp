@@ -27,7 +27,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -41,12 +40,9 @@
 #if defined(_OPENMP) || defined(REGOPTIM_OPENMP_SIMD)
 #define REGOPTIM_SIMD _Pragma("omp simd")
 #define REGOPTIM_SIMD_SUM _Pragma("omp simd reduction(+ : norm)")
-#define REGOPTIM_SIMD_STATS \
-  _Pragma("omp simd reduction(+ : nz2, na2) reduction(min : dlo) reduction(max : dhi)")
 #else
 #define REGOPTIM_SIMD
 #define REGOPTIM_SIMD_SUM
-#define REGOPTIM_SIMD_STATS
 #endif
 
 namespace {
@@ -292,33 +288,23 @@ struct AdamScalars {
   uint32_t fma_mask;    // all-ones unless kNoFma
 };
 
-// What the group-lasso step (group_lasso.h) needs of a group besides its elements: sum z^2,
-// sum (d z)^2 (z the stored parameter, d its denominator; each term a float32 product, summed in
-// double) and min / max d (a NaN d makes na2 NaN, which the prox checks).
-struct GroupStats {
-  double nz2 = 0.0, na2 = 0.0;
-  float dmin = std::numeric_limits<float>::infinity(), dmax = 0.0f;
-};
-
 // TAIL as for SGD: torch's scalar loop contracts v * beta2 + (1 - beta2) * g * g as
 // fma(v, beta2, ...) where its vector loop has fma(..., g, v * beta2).
 // DEN: also write each element's denominator d = sqrt(v_hat) / sqrt(bc2) + eps to `den` (the
-// group-lasso step's metric, regoptim/backends/cpu/csrc/group_lasso.h); the update itself is the
-// same. With `stats` (DEN only), also add the span's GroupStats to *stats (in this memory-bound
-// loop they cost no extra pass over the group).
+// group-lasso step's metric, regoptim/backends/cpu/csrc/group_lasso.h); the update itself is the same.
 template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL, int FM,
           bool DEN = false>
 void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
                typename S::T* __restrict m, typename S::T* __restrict v,
                typename S::T* __restrict vmax, int64_t n, const AdamScalars& sc,
                float neg_step_size, float bc2_sqrt, float inv_bc2_sqrt, uint32_t tail_mask,
-               float* __restrict den_out = nullptr, GroupStats* __restrict stats = nullptr) {
+               float* __restrict den_out = nullptr) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, decay = sc.decay, lw = sc.lerp_w,
               beta2 = sc.beta2, c2 = sc.c2, eps = sc.eps, lr_l1 = sc.lr_l1;
   const uint32_t small_mask = sc.small_mask, max_mask = sc.max_mask, wd_mask = sc.wd_mask,
                  fm = sc.fma_mask;
-  // one element; returns the stored parameter, its denominator in `den`
-  const auto elem = [&](int64_t i, float& den) {
+  REGOPTIM_SIMD
+  for (int64_t i = 0; i < n; ++i) {
     float gv = S::ld(g[i]);
     if (SCALE) {
       gv = gv / scale;
@@ -344,45 +330,17 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
       // One division for the step and the threshold, sqrt(v) * (1 / sqrt(bc2)) instead of a
       // second one: the divider is the bottleneck of this loop. The step may differ by an ulp
       // or two from torch's (-lr/bc1 * m) / (sqrt(v) / sqrt(bc2) + eps) (torch has no L1).
-      den = std::fma(std::sqrt(vv), inv_bc2_sqrt, eps);
+      const float den = std::fma(std::sqrt(vv), inv_bc2_sqrt, eps);
       if (DEN) den_out[i] = den;
       const float inv = 1.0f / den;
       pv = pv + (neg_step_size * mv) * inv;
       pv = soft_threshold(pv, lr_l1 * inv);
     } else {
-      den = std::sqrt(vv) / bc2_sqrt + eps;
+      const float den = std::sqrt(vv) / bc2_sqrt + eps;
       if (DEN) den_out[i] = den;
       pv = pv + (neg_step_size * mv) / den;
     }
-    const typename S::T stored = S::st(pv);
-    p[i] = stored;
-    return stored;
-  };
-  if constexpr (DEN) {
-    if (stats != nullptr) {
-      double nz2 = 0.0, na2 = 0.0;
-      float dlo = stats->dmin, dhi = stats->dmax;
-      REGOPTIM_SIMD_STATS
-      for (int64_t i = 0; i < n; ++i) {
-        float d;
-        const float x = S::ld(elem(i, d));
-        const float a = d * x;
-        nz2 += static_cast<double>(x * x);
-        na2 += static_cast<double>(a * a);
-        dlo = d < dlo ? d : dlo;
-        dhi = d > dhi ? d : dhi;
-      }
-      stats->nz2 += nz2;
-      stats->na2 += na2;
-      stats->dmin = dlo;
-      stats->dmax = dhi;
-      return;
-    }
-  }
-  REGOPTIM_SIMD
-  for (int64_t i = 0; i < n; ++i) {
-    float d;
-    elem(i, d);
+    p[i] = S::st(pv);
   }
 }
 
@@ -489,17 +447,16 @@ void adam_run(int64_t n, const int64_t* ps, const int64_t* gs, const int64_t* ms
   using T = typename S::T;
   auto kernel = [&](auto lean_tag) {
     constexpr bool lean = decltype(lean_tag)::value;
-    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail, float* den,
-               GroupStats* stats = nullptr) {
+    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail, float* den) {
       T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
       if constexpr (lean) {
         adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff, FM, DEN>(
             ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
-            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail, den, stats);
+            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail, den);
       } else {
         adam_span<S, SCALE, AMS, L1, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime, DEN>(
             ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
-            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail, den, stats);
+            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail, den);
       }
     };
   };

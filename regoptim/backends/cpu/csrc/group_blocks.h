@@ -25,9 +25,8 @@
 //
 // Norms. SGD: parts of kNormInSpan elements or more get their sum of squares from the update
 // span itself (sgd_span's NORM: a double accumulator per part, free in that memory-bound loop),
-// shorter ones (biases, column groups) from a pass over the block's runs (add_sumsq). Adam:
-// likewise, the GroupStats (||z||^2, ||d z||^2, min / max d) of in-place parts of kStatsInSpan
-// elements or more from adam_span, the rest from a pass over the group (group_diag_prox).
+// shorter ones (biases, column groups) from a pass over the block's runs (add_sumsq). Adam: from
+// a pass over the group (group_diag_prox).
 //
 // Every group is computed by one thread in an order that depends on the layout only: 1 or N
 // threads give bitwise the same result.
@@ -48,8 +47,6 @@ constexpr int64_t kGroupBlockBytes = 256 * 1024;
 constexpr int64_t kLineFloats = 16;      // elements of a cache line of float32
 // SGD: parts of at least this many elements get their sums of squares from the update span
 constexpr int64_t kNormInSpan = 64;
-// Adam: in-place parts of at least this many elements get their GroupStats from the update span
-constexpr int64_t kStatsInSpan = 64;
 
 // What a family's block holds per element (bytes of its tensors and floats of scratch) and per
 // group (floats of scratch).
@@ -61,11 +58,9 @@ struct GroupFamily {
 };
 // SGD: param, grad, momentum (4 bytes each at most); per group a double sum and a float factor.
 constexpr GroupFamily kSgdGroup{12, 0, 3, 0};
-// Adam: param, grad, two moments, max (4 bytes each at most); per group its GroupStats; the
-// update's denominators in the tensors' order, then z and d in the groups' order; and one
-// group's x at a Newton iterate.
-constexpr int64_t kStatsFloats = sizeof(GroupStats) / sizeof(float);
-constexpr GroupFamily kAdamGroup{20 + 12, 3, kStatsFloats, 1};
+// Adam: param, grad, two moments, max (4 bytes each at most); the update's denominators in
+// the tensors' order, then z and d in the groups' order; and one group's x at a Newton iterate.
+constexpr GroupFamily kAdamGroup{20 + 12, 3, 0, 1};
 
 struct GroupLayout {
   int64_t ntensors = 0;
@@ -148,19 +143,18 @@ void for_each_thread(int nt, const F& work) {
 // The update of elements [off, off + len) of tensor k, split where torch's scalar tail starts
 // (as for_each_range): `lean` before, `generic` after. `out`: Adam's denominators for the range
 // (float*, offset with it), or where SGD adds the range's sum of squares (double*), or nullptr.
-// `more`: passed on to both (Adam's GroupStats, added to by each).
-template <class Lean, class Generic, class Out, class... More>
+template <class Lean, class Generic, class Out>
 inline void update_range(const GroupLayout& lay, int64_t k, int64_t off, int64_t len,
-                         const Lean& lean, const Generic& generic, Out* out, More*... more) {
+                         const Lean& lean, const Generic& generic, Out* out) {
   const int64_t nk = lay.numels[k];
   const int64_t ts = lay.tail_width > 0 ? nk - nk % lay.tail_width : nk;
   const int64_t end = off + len;
-  if (off < ts) lean(k, off, std::min(end, ts) - off, 0u, out, more...);
+  if (off < ts) lean(k, off, std::min(end, ts) - off, 0u, out);
   if (end > ts) {
     const int64_t a = std::max(off, ts);
     Out* tail_out = out;
     if constexpr (std::is_same_v<Out, float>) tail_out = out + (a - off);
-    generic(k, a, end - a, 0xFFFFFFFFu, tail_out, more...);
+    generic(k, a, end - a, 0xFFFFFFFFu, tail_out);
   }
 }
 
@@ -208,8 +202,7 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
   for (int64_t k = 0; k < lay.ntensors; ++k) nparts += lay.inner[k] > 0 ? lay.outer[k] : 0;
   const bool in_place = nparts <= kMaxInPlaceParts && nparts * kLineFloats <= gn;
   for_each_thread(lay.nthreads, [&](int tid, int nthr) {
-    GroupStats* stats = reinterpret_cast<GroupStats*>(scratch + tid * lay.scratch_per_thread);
-    float* run_den = reinterpret_cast<float*>(stats + lay.per_block);  // the tensors' order
+    float* run_den = scratch + tid * lay.scratch_per_thread;  // the tensors' order
     float* zs = run_den + lay.per_block * gn;  // gathered: z of each group, the groups' order
     float* ds = zs + lay.per_block * gn;  // gathered: d of each group
     float* xbuf = ds + lay.per_block * gn;  // one group's x at the current Newton iterate
@@ -218,23 +211,15 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
     const int64_t gend = n * (tid + 1) / nthr;
     for (int64_t g0 = n * tid / nthr; g0 < gend; g0 += lay.per_block) {
       const int64_t nb = std::min(lay.per_block, gend - g0);
-      // 1. the step on the block, its denominators to run_den (then gathered, or in place); a
-      // long in-place part (a weight's row) one group at a time, with its GroupStats
-      std::fill(stats, stats + nb, GroupStats{});
+      // 1. the step on the block, its denominators to run_den (then gathered, or in place)
       float* den = run_den;
       int64_t pos = 0, j = 0;  // pos: where the run's part of a group starts in the group
       for (int64_t k = 0; k < lay.ntensors; ++k) {
         const int64_t in = lay.inner[k];
         for (int64_t o = 0; o < lay.outer[k] && in > 0; ++o, den += nb * in, pos += in) {
           const int64_t off = (o * n + g0) * in;
-          T* x = ptr<T>(ps, k) + off;
-          if (in_place && in >= kStatsInSpan) {
-            for (int64_t g = 0; g < nb; ++g)
-              update_range(lay, k, off + g * in, in, lean, generic, den + g * in, stats + g);
-            parts[j++] = GroupPart<T>{x, den, in, in, true};
-            continue;
-          }
           update_range(lay, k, off, nb * in, lean, generic, den);
+          T* x = ptr<T>(ps, k) + off;
           if (in_place) {
             parts[j++] = GroupPart<T>{x, den, in, in};
             continue;
@@ -253,11 +238,11 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
       // 2. the prox of each group
       if (in_place) {
         for (int64_t g = 0; g < nb; ++g)
-          group_diag_prox<S>(parts, nparts, g, c, xbuf, stats[g]);
+          group_diag_prox<S>(parts, nparts, g, c, xbuf);
         continue;
       }
       for (int64_t g = 0; g < nb; ++g)
-        group_diag_prox<F32>(&gathered, 1, g, c, xbuf, stats[g]);
+        group_diag_prox<F32>(&gathered, 1, g, c, xbuf);
       // 3. gathered: back to the parameters
       pos = 0;
       for (int64_t k = 0; k < lay.ntensors; ++k) {

@@ -154,13 +154,11 @@ struct GroupPart {
   T* z;
   const float* d;
   int64_t len, stride;
-  bool summed = false;  // its GroupStats came from the update span (not recomputed here)
 };
 constexpr int64_t kMaxInPlaceParts = 64;
 
 // Group g <- its prox in the metric diag(d): z d rho / (d rho + c), 0 (||d z|| <= c), or NaN
-// (||z|| or ||d z|| not finite). `st` holds the GroupStats of the parts marked `summed` (taken
-// from the update span); the other parts' are computed here in one pass (as sum_pos2). rho by Newton on psi = h^(-1/2) - 1, safeguarded by the bracket
+// (||z|| or ||d z|| not finite). rho by Newton on psi = h^(-1/2) - 1, safeguarded by the bracket
 // of group_prox._solve_rho (a step that leaves it is replaced by bisection), started at
 // rho0 = ||z|| (1 - c / ||d z||): the root when d is constant over the group, inside the bracket
 // always (||d z|| / ||z|| is between min d and max d). Each evaluation at rho_k also writes
@@ -171,11 +169,10 @@ constexpr int64_t kMaxInPlaceParts = 64;
 // group is shrunk at the last iterate (one more pass).
 template <class S>
 void group_diag_prox(const GroupPart<typename S::T>* parts, int64_t nparts, int64_t g, double c,
-                     float* __restrict xbuf, const GroupStats& st) {
-  double nz2 = st.nz2, na2 = st.na2;
-  float dmin = st.dmin, dmax = st.dmax;
+                     float* __restrict xbuf) {
+  double nz2 = 0.0, na2 = 0.0;
+  float dmin = std::numeric_limits<float>::infinity(), dmax = 0.0f;
   for (int64_t q = 0; q < nparts; ++q) {
-    if (parts[q].summed) continue;
     const typename S::T* __restrict z = parts[q].z + g * parts[q].stride;
     const float* __restrict d = parts[q].d + g * parts[q].stride;
     const int64_t m = parts[q].len;
