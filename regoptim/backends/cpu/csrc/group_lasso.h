@@ -17,9 +17,13 @@
 // that step): a sum of positive terms, so its relative error is that of a few float32 roundings
 // (< 3e-7) whatever the group size. SGD's factor is computed
 // in double and applied in float. Adam's Newton iteration evaluates its terms in float and sums
-// them so, with rho in double; it stops when a step moves rho by at most 4 float32 ulps, after at
-// most kGroupMaxIters iterations (from the bracket's left end it took 2-3 on uniform data with
-// c from 1e-5 to 0.1).
+// them so, with rho in double; it stops when the step from rho_k would move rho by at most 4
+// float32 ulps, and the result is then x(rho_k), computed in that same evaluation as
+// (d_i z_i r_i) rho_k in float (three roundings; r_i = 1 / (d_i rho_k + c) one division), so
+// rho_k is within 4 ulps of the next iterate, as the previous version's shrink at that iterate
+// was; after kGroupMaxIters evaluations, the shrink z d rho / (d rho + c) at the last iterate.
+// Started at ||z|| (1 - c / ||d z||) it took 1 evaluation on 93-100% of the groups of uniform
+// data at c = 1e-5 (2 on the rest), where the bracket's left end took 2-3 plus one to confirm.
 
 #include <algorithm>
 #include <cfloat>
