@@ -252,6 +252,22 @@ def test_adam_widely_spread_denominators():
     assert not _zero_groups(refs, [0]).all()
 
 
+def test_adam_constant_denominators_and_small_threshold():
+    """Newton's start ||z|| (1 - c/||d z||) is the root when d is constant over a group (|g| the
+    same in every element: the first evaluation's x is the result) and nearly so for a small
+    threshold (the benchmark's case); and a group whose d spans two values far apart."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 515, generator=gen)
+    sign = torch.randint(0, 2, (24, 515), generator=gen) * 2.0 - 1.0
+    g = sign * torch.rand(24, 1, generator=gen).add(0.1)  # constant |g| per row
+    g[20:, ::2] *= 1e3  # rows 20-23: two denominators 1e3 apart
+    for group_l1 in (1e-3, 2.0, 30.0):
+        params = [w.clone()]
+        refs = run_adam(params, [[g], [g * 0.5]], [0], group_l1=group_l1)
+        assert_close_to_ref(params[0], refs[0], torch.float32)
+        assert torch.equal(_zero_groups(params, [0]), _zero_groups(refs, [0]))
+
+
 # ---------------------------------------------------------------------------------------------
 # special values, AMP, lr as a tensor, threads
 
