@@ -8,7 +8,7 @@ used (that is how CI validates them).
 
 Group lasso (``group_l1 > 0``) has its own kernels, one launch per param group and step: one
 program per group updates its slices in every tensor, reduces the group's norm and applies the
-group prox (:func:`fused_group_sgd_`, :func:`fused_group_adam_`). Both kinds call the family's
+group prox (``fused_group_sgd_``, ``fused_group_adam_``). Both kinds call the family's
 per-element update from ``_update`` (one ``@triton.jit`` device function per family).
 
 This module imports without triton; :func:`available` says whether the kernels can run, and the
@@ -17,11 +17,9 @@ step functions import the kernels on first use.
 
 from __future__ import annotations
 
+import importlib
 import os
-
-from torch import Tensor
-
-from regoptim.hyper import AdamHyper, GroupLasso, SgdHyper
+from typing import Any
 
 __all__ = [
     "available",
@@ -58,122 +56,21 @@ def available() -> str | None:
     )
 
 
-def fused_prox_sgd_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor] | None,
-    hyper: SgdHyper,
-    *,
-    is_first_step: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-) -> None:
-    """One ProxSGD step for tensors of one device and dtype (see ``regoptim.backends.dispatch``)."""
-    from ._sgd import fused_prox_sgd_ as impl
-
-    impl(
-        params,
-        grads,
-        momentum_buffers,
-        hyper,
-        is_first_step=is_first_step,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
+# The step functions, each from the module that holds its kernel, imported on first use (PEP 562):
+# importing this package needs no triton. Each backend's functions share one signature, the
+# contract of regoptim.backends.dispatch.fused_prox_sgd_ / fused_prox_adam_ and of
+# regoptim.backends.group_step (fused_group_sgd_ / fused_group_adam_).
+_LAZY = {
+    "fused_prox_sgd_": "_sgd",
+    "fused_prox_adam_": "_adam",
+    "fused_group_sgd_": "_group_sgd",
+    "fused_group_adam_": "_group_adam",
+}
 
 
-def fused_prox_adam_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor] | None,
-    state_steps: list[Tensor],
-    hyper: AdamHyper,
-    *,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-) -> None:
-    """One ProxAdam/ProxAdamW step for tensors of one device and dtype (see ``regoptim.backends.dispatch``)."""
-    from ._adam import fused_prox_adam_ as impl
-
-    impl(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        hyper,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
-
-
-def fused_group_sgd_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor] | None,
-    hyper: SgdHyper,
-    lasso: GroupLasso,
-    *,
-    is_first_step: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-) -> None:
-    """One ProxSGD step with group lasso (``lasso.group_l1 > 0``) over all params of one param
-    group, in one launch: the step of :func:`fused_prox_sgd_`, then
-    ``x_g <- x_g * max(0, 1 - lr * group_l1 / ||x_g||)`` per group (``regoptim.regularizers.group_lasso``).
-
-    ``params``: every param of the param group, each with its grad, on one device, one dtype
-    (float32, bfloat16, float16); ``lasso.axes`` normalised, every param the same size along its
-    axis. ``momentum_buffers`` and the AMP arguments as for :func:`fused_prox_sgd_`.
-    """
-    from ._group_sgd import fused_group_sgd_ as impl
-
-    impl(
-        params,
-        grads,
-        momentum_buffers,
-        hyper,
-        lasso,
-        is_first_step=is_first_step,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
-
-
-def fused_group_adam_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor] | None,
-    state_steps: list[Tensor],
-    hyper: AdamHyper,
-    lasso: GroupLasso,
-    *,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-) -> None:
-    """One ProxAdam/ProxAdamW step with group lasso (``lasso.group_l1 > 0``) over all params of
-    one param group, in one launch: the step of :func:`fused_prox_adam_`, then the group prox in
-    Adam's metric ``diag(d)``, ``d`` the step's own denominator (``regoptim.regularizers.group_lasso``).
-
-    Preconditions as :func:`fused_group_sgd_`; ``state_steps`` float32 0-d tensors on the device,
-    incremented here (not when ``found_inf`` is set); ``max_exp_avg_sqs`` only under amsgrad.
-    """
-    from ._group_adam import fused_group_adam_ as impl
-
-    impl(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        state_steps,
-        hyper,
-        lasso,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    fn = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = fn
+    return fn

@@ -348,8 +348,14 @@ def fused_group_adam_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """One ProxAdam/ProxAdamW step with group lasso over all params of one param group (one
-    device, one dtype), in one launch. See ``regoptim._kernels.fused_group_adam_``."""
+    """One ProxAdam/ProxAdamW step with group lasso (``lasso.group_l1 > 0``) over all params of
+    one param group, in one launch: the step of ``fused_prox_adam_``, then the group prox in
+    Adam's metric ``diag(d)``, ``d`` the step's own denominator
+    (``regoptim.regularizers.group_lasso``).
+
+    Preconditions as ``fused_group_sgd_``; ``state_steps`` float32 0-d tensors on the device,
+    incremented here (not when ``found_inf`` is set); ``max_exp_avg_sqs`` only under amsgrad.
+    """
     if not params:
         return
     with torch.no_grad():

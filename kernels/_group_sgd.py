@@ -215,8 +215,15 @@ def fused_group_sgd_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """One ProxSGD step with group lasso over all params of one param group (one device, one
-    dtype), in one launch. See ``regoptim._kernels.fused_group_sgd_`` for the contract."""
+    """One ProxSGD step with group lasso (``lasso.group_l1 > 0``) over all params of one param
+    group, in one launch: the step of ``fused_prox_sgd_``, then
+    ``x_g <- x_g * max(0, 1 - lr * group_l1 / ||x_g||)`` per group
+    (``regoptim.regularizers.group_lasso``).
+
+    ``params``: every param of the param group, each with its grad, on one device, one dtype
+    (float32, bfloat16, float16); ``lasso.axes`` normalised, every param the same size along its
+    axis. ``momentum_buffers`` and the AMP arguments as for ``fused_prox_sgd_``.
+    """
     if not params:
         return
     with torch.no_grad():
