@@ -318,8 +318,8 @@ class ProxAdam(ProxOptimizer):
 
     def _dispatch_group(self, group: dict[str, Any]) -> None:
         if group["group_l1"] != 0:  # group_axes edited in place: caught before any update
-            resolve_group_axes(group["params"], group["group_axes"])
-            if fused_group_adam_step(self, group):  # update and group prox in one kernel call
+            axes = resolve_group_axes(group["params"], group["group_axes"])
+            if fused_group_adam_step(self, group, axes):  # update and group prox in one kernel call
                 return
         probe = [p for p in group["params"] if p.grad is not None]
         if not probe:

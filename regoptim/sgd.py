@@ -246,8 +246,8 @@ class ProxSGD(ProxOptimizer):
 
     def _dispatch_group(self, group: dict[str, Any]) -> None:
         if group["group_l1"] != 0:  # group_axes edited in place: caught before any update
-            resolve_group_axes(group["params"], group["group_axes"])
-            if fused_group_sgd_step(self, group):  # update and group prox in one kernel call
+            axes = resolve_group_axes(group["params"], group["group_axes"])
+            if fused_group_sgd_step(self, group, axes):  # update and group prox in one kernel call
                 return
         params: list[Tensor] = []
         grads: list[Tensor] = []

@@ -26,7 +26,6 @@ from torch import Tensor
 from regoptim.backends.dispatch import fused_backend, fused_unavailable_reason
 from regoptim.hyper import AdamHyper, GroupLasso, SgdHyper
 from regoptim.optimizer import resolve_impl
-from regoptim.regularizers.group_lasso import resolve_group_axes
 from regoptim.regularizers.weight_decay import predecay_
 
 __all__ = ["fused_group_adam_step", "fused_group_sgd_step"]
@@ -85,9 +84,10 @@ def _qualifies(group: dict[str, Any], extra: list[list[Tensor]]) -> tuple[bool, 
     return True, default_path
 
 
-def fused_group_sgd_step(opt: Any, group: dict[str, Any]) -> bool:
+def fused_group_sgd_step(opt: Any, group: dict[str, Any], axes: list[int]) -> bool:
     """ProxSGD's step of ``group`` (update and group prox) through a fused backend, if the group
-    qualifies; returns whether it ran (False: nothing was touched)."""
+    qualifies; returns whether it ran (False: nothing was touched). ``axes``: the group's
+    ``resolve_group_axes``."""
     if group["group_l1"] == 0:
         return False
     params: list[Tensor] = group["params"]
@@ -100,7 +100,6 @@ def fused_group_sgd_step(opt: Any, group: dict[str, Any]) -> bool:
     if not ok:
         return False
     module = _backend(params[0].device.type, default_path)
-    axes = resolve_group_axes(params, group["group_axes"])
     grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
     found_inf = getattr(opt, "found_inf", None)
     first = use_momentum and not existing
@@ -127,9 +126,10 @@ def fused_group_sgd_step(opt: Any, group: dict[str, Any]) -> bool:
     return True
 
 
-def fused_group_adam_step(opt: Any, group: dict[str, Any]) -> bool:
+def fused_group_adam_step(opt: Any, group: dict[str, Any], axes: list[int]) -> bool:
     """ProxAdam(W)'s step of ``group`` (update and group prox) through a fused backend, if the
-    group qualifies; returns whether it ran (False: nothing was touched)."""
+    group qualifies; returns whether it ran (False: nothing was touched). ``axes``: the group's
+    ``resolve_group_axes``."""
     if group["group_l1"] == 0 or isinstance(group["betas"][0], Tensor):
         return False
     params: list[Tensor] = group["params"]
@@ -142,7 +142,6 @@ def fused_group_adam_step(opt: Any, group: dict[str, Any]) -> bool:
     if not ok:
         return False
     module = _backend(params[0].device.type, default_path)
-    axes = resolve_group_axes(params, group["group_axes"])
     lists: tuple[list[Tensor], ...] = ([], [], [], [], [], [])
     params_, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
     opt._init_group(group, "fused", params_, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
