@@ -14,6 +14,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -266,6 +267,74 @@ def test_adam_constant_denominators_and_small_threshold():
         refs = run_adam(params, [[g], [g * 0.5]], [0], group_l1=group_l1)
         assert_close_to_ref(params[0], refs[0], torch.float32)
         assert torch.equal(_zero_groups(params, [0]), _zero_groups(refs, [0]))
+
+
+@pytest.mark.parametrize("spread", ["log-normal", "constant", "two-valued"])
+def test_adam_polynomial_path_around_its_bound(spread):
+    """The kernel solves a group without a division when c * max t <= ||z|| / 256 (t = 1 / d;
+    csrc/group_lasso.h, kPolyDelta): rows here put that ratio from 2^-12 to 2^-6, on both sides
+    of the bound, with d spread over decades, constant, or two values 1e3 apart. After one Adam
+    step d = |g| + eps and z = p - lr * g / d, so a row's ratio is set by its min |g| and ||p||."""
+    gen = torch.Generator().manual_seed(11)
+    rows, cols, lr, group_l1 = 64, 300, 1e-3, 1.0  # c = 1e-3
+    if spread == "log-normal":
+        mag = torch.exp(2.0 * torch.randn(rows, cols, generator=gen, dtype=torch.float64))
+    elif spread == "constant":
+        mag = torch.rand(rows, 1, generator=gen, dtype=torch.float64).add(0.5).expand(rows, cols)
+    else:
+        mag = torch.where(torch.rand(rows, cols, generator=gen) < 0.5, 1.0, 1e-3).double()
+    g = mag * (torch.randint(0, 2, (rows, cols), generator=gen) * 2.0 - 1.0)
+    ratio = 2.0 ** torch.linspace(-12.0, -6.0, rows, dtype=torch.float64)
+    tmax = 1.0 / mag.min(dim=1).values
+    w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    w *= (lr * group_l1 * tmax / ratio / w.norm(dim=1)).unsqueeze(1)
+    params = [w.float()]
+    refs = run_adam(params, [[g.float()]], [0], lr=lr, group_l1=group_l1)
+    z_norm = refs[0].norm(dim=1)  # ~ ||z|| (the shrink is below 1.6%)
+    achieved = lr * group_l1 * tmax / z_norm
+    assert (achieved < 2.0**-8.5).sum() > 10 and (achieved > 2.0**-7.5).sum() > 10
+    assert_close_to_ref(params[0], refs[0], torch.float32)
+    assert not _zero_groups(refs, [0]).any()
+
+
+def test_adam_polynomial_path_math_in_float64():
+    """The polynomial path's math (csrc/group_lasso.h: rho from M_0..M_2 by its second-order
+    series, x_i = z_i (1 - e_i + e_i^2 - e_i^3)) in float64, at and below its bound
+    c * max t <= ||z|| / 256, against the exact root rho^2 = sum z^2 / (1 + c t / rho)^2 found
+    by scipy's brentq: x within 2^-30 (relative) of the exact prox, far below float32 rounding;
+    a bound 4x looser (1/64) would not be."""
+    from scipy.optimize import brentq
+
+    rng = np.random.default_rng(0)
+
+    def worst(delta, trials=400):
+        err = 0.0
+        for trial in range(trials):
+            n = int(rng.integers(1, 300))
+            z = rng.standard_normal(n) * np.exp(rng.standard_normal(n) * rng.uniform(0, 3))
+            t = [
+                np.exp(rng.standard_normal(n) * 3),
+                np.ones(n),
+                np.where(rng.random(n) < 0.5, 1.0, 1e-6),
+                np.where(rng.random(n) < 0.05, 1.0, rng.random(n) * 1e-3),
+            ][trial % 4]
+            r0 = float(np.linalg.norm(z))
+            c = delta * r0 / t.max() * rng.uniform(0.5, 1.0)
+            root = brentq(
+                lambda r, z=z, c=c, t=t: np.sum(z**2 / (1 + c * t / r) ** 2) - r**2,
+                r0 * (1 - 2 * delta), r0, xtol=1e-300, rtol=1e-15,
+            )  # fmt: skip
+            m0, m1, m2 = np.sum(z**2), np.sum(z**2 * t), np.sum(z**2 * t**2)
+            k, u1, u2 = c / r0, m1 / m0, m2 / m0
+            rho = r0 * (1 + k * (k * 1.5 * (u2 - u1 * u1) - u1))
+            e = c * t / rho
+            x = z * (1 + e * (e * (1 - e) - 1))
+            exact = z / (1 + c * t / root)
+            err = max(err, float(np.max(np.abs(x - exact) / np.abs(exact))))
+        return err
+
+    assert worst(1 / 256) < 2.0**-30
+    assert worst(1 / 64) > 2.0**-26
 
 
 # ---------------------------------------------------------------------------------------------

@@ -290,8 +290,10 @@ struct AdamScalars {
 
 // TAIL as for SGD: torch's scalar loop contracts v * beta2 + (1 - beta2) * g * g as
 // fma(v, beta2, ...) where its vector loop has fma(..., g, v * beta2).
-// DEN: also write each element's denominator d = sqrt(v_hat) / sqrt(bc2) + eps to `den` (the
-// group-lasso step's metric, regoptim/backends/cpu/csrc/group_lasso.h); the update itself is the same.
+// DEN: the group-lasso step (regoptim/backends/cpu/csrc/group_lasso.h): also write each element's
+// inverse denominator t = 1 / d, d = sqrt(v) * (1 / sqrt(bc2)) + eps (the prox's metric), to
+// `den_out`, and take the step as (-step_size * m) * t: one division per element, as the L1
+// step (torch has no group lasso to match; torch's form, used otherwise, has two).
 template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL, int FM,
           bool DEN = false>
 void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
@@ -326,18 +328,17 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
       vv = max_nan(S::ld(vmax[i]), vv);
       vmax[i] = S::st(vv);
     }
-    if (L1) {
+    if (L1 || DEN) {
       // One division for the step and the threshold, sqrt(v) * (1 / sqrt(bc2)) instead of a
       // second one: the divider is the bottleneck of this loop. The step may differ by an ulp
       // or two from torch's (-lr/bc1 * m) / (sqrt(v) / sqrt(bc2) + eps) (torch has no L1).
       const float den = std::fma(std::sqrt(vv), inv_bc2_sqrt, eps);
-      if (DEN) den_out[i] = den;
       const float inv = 1.0f / den;
+      if (DEN) den_out[i] = inv;
       pv = pv + (neg_step_size * mv) * inv;
-      pv = soft_threshold(pv, lr_l1 * inv);
+      if (L1) pv = soft_threshold(pv, lr_l1 * inv);
     } else {
       const float den = std::sqrt(vv) / bc2_sqrt + eps;
-      if (DEN) den_out[i] = den;
       pv = pv + (neg_step_size * mv) / den;
     }
     p[i] = S::st(pv);
@@ -411,8 +412,8 @@ void run_split(int64_t n, const int64_t* numels, int nthreads, int64_t tail_widt
 
 // A family's update with its flags picked, handed to a driver as two span functions: `lean`
 // (flags compiled in) for the body of each tensor, `generic` (every flag at run time) for torch's
-// scalar tails, called as f(k, offset, length, tail_mask) (Adam: plus a `float* den` output, used
-// when DEN). `drive(lean, generic)` decides which elements they run on: all of them in one pass
+// scalar tails, called as f(k, offset, length, tail_mask) (Adam: plus a `float* den` output, the
+// inverse denominators, used when DEN). `drive(lean, generic)` decides which elements they run on: all of them in one pass
 // (run_split, the plain step), or blocks of groups followed by the group prox (group_lasso.h).
 template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int FM,
           class Drive>

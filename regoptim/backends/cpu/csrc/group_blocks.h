@@ -19,14 +19,16 @@
 // inner[k] (column groups) the block grows to make that run a cache line at least, and when a
 // single group is larger than the cache (one group of the whole model) the passes over it
 // stream from memory: the prox then costs one more read (SGD: and write) of the parameters, and
-// Adam's Newton iterations one read of its scratch each. Adam reads and writes the parameters in
+// Adam's passes one read of its scratch each. Adam reads and writes the parameters in
 // place when a group has few long parts (a weight's row and its bias entry), else it gathers each
-// group's z and d into scratch first (column groups, conv in-channels) and scatters x back.
+// group's z and t = 1 / d into scratch first (column groups, conv in-channels) and scatters x
+// back.
 //
 // Norms. SGD: parts of kNormInSpan elements or more get their sum of squares from the update
 // span itself (sgd_span's NORM: a double accumulator per part, free in that memory-bound loop),
-// shorter ones (biases, column groups) from a pass over the block's runs (add_sumsq). Adam: from
-// a pass over the group (group_diag_prox).
+// shorter ones (biases, column groups) from a pass over the block's runs (add_sumsq). Adam: the
+// moments of each group of the block from a pass over it, then every group's rho at once
+// (vectorized over the groups), then a pass that writes each group (groups_adam_prox).
 //
 // Every group is computed by one thread in an order that depends on the layout only: 1 or N
 // threads give bitwise the same result.
@@ -58,9 +60,10 @@ struct GroupFamily {
 };
 // SGD: param, grad, momentum (4 bytes each at most); per group a double sum and a float factor.
 constexpr GroupFamily kSgdGroup{12, 0, 3, 0};
-// Adam: param, grad, two moments, max (4 bytes each at most); the update's denominators in
-// the tensors' order, then z and d in the groups' order; and one group's x at a Newton iterate.
-constexpr GroupFamily kAdamGroup{20 + 12, 3, 0, 1};
+// Adam: param, grad, two moments, max (4 bytes each at most); the update's inverse denominators
+// in the tensors' order, then z and t in the groups' order; per group three double moments, max t
+// and c / rho; and one group's x at a Newton iterate.
+constexpr GroupFamily kAdamGroup{20 + 12, 3, 8, 1};
 
 struct GroupLayout {
   int64_t ntensors = 0;
@@ -202,16 +205,19 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
   for (int64_t k = 0; k < lay.ntensors; ++k) nparts += lay.inner[k] > 0 ? lay.outer[k] : 0;
   const bool in_place = nparts <= kMaxInPlaceParts && nparts * kLineFloats <= gn;
   for_each_thread(lay.nthreads, [&](int tid, int nthr) {
-    float* run_den = scratch + tid * lay.scratch_per_thread;  // the tensors' order
+    double* mo = reinterpret_cast<double*>(scratch + tid * lay.scratch_per_thread);
+    float* tmax = reinterpret_cast<float*>(mo + 3 * lay.per_block);  // per group: 3 moments,
+    float* ce = tmax + lay.per_block;                                // max t, c / rho
+    float* run_den = ce + lay.per_block;  // the tensors' order
     float* zs = run_den + lay.per_block * gn;  // gathered: z of each group, the groups' order
-    float* ds = zs + lay.per_block * gn;  // gathered: d of each group
+    float* ds = zs + lay.per_block * gn;  // gathered: t of each group
     float* xbuf = ds + lay.per_block * gn;  // one group's x at the current Newton iterate
     GroupPart<T> parts[kMaxInPlaceParts];
     const GroupPart<float> gathered{zs, ds, gn, gn};
     const int64_t gend = n * (tid + 1) / nthr;
     for (int64_t g0 = n * tid / nthr; g0 < gend; g0 += lay.per_block) {
       const int64_t nb = std::min(lay.per_block, gend - g0);
-      // 1. the step on the block, its denominators to run_den (then gathered, or in place)
+      // 1. the step on the block, its inverse denominators to run_den (then gathered, or in place)
       float* den = run_den;
       int64_t pos = 0, j = 0;  // pos: where the run's part of a group starts in the group
       for (int64_t k = 0; k < lay.ntensors; ++k) {
@@ -237,12 +243,10 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
       }
       // 2. the prox of each group
       if (in_place) {
-        for (int64_t g = 0; g < nb; ++g)
-          group_diag_prox<S>(parts, nparts, g, c, xbuf);
+        groups_adam_prox<S>(parts, nparts, nb, c, mo, tmax, ce, xbuf);
         continue;
       }
-      for (int64_t g = 0; g < nb; ++g)
-        group_diag_prox<F32>(&gathered, 1, g, c, xbuf);
+      groups_adam_prox<F32>(&gathered, 1, nb, c, mo, tmax, ce, xbuf);
       // 3. gathered: back to the parameters
       pos = 0;
       for (int64_t k = 0; k < lay.ntensors; ++k) {
