@@ -269,14 +269,18 @@ def test_adam_constant_denominators_and_small_threshold():
         assert torch.equal(_zero_groups(params, [0]), _zero_groups(refs, [0]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", [300, 1500])
 @pytest.mark.parametrize("spread", ["log-normal", "constant", "two-valued"])
-def test_adam_polynomial_path_around_its_bound(spread):
+def test_adam_polynomial_path_around_its_bound(spread, cols, dtype):
     """The kernel solves a group without a division when c * max t <= ||z|| / 256 (t = 1 / d;
     csrc/group_lasso.h, kPolyDelta): rows here put that ratio from 2^-12 to 2^-6, on both sides
     of the bound, with d spread over decades, constant, or two values 1e3 apart. After one Adam
-    step d = |g| + eps and z = p - lr * g / d, so a row's ratio is set by its min |g| and ||p||."""
+    step d = |g| + eps and z = p - lr * g / d, so a row's ratio is set by its min |g| and ||p||.
+    Rows of 300 take their moments from a pass over the group, rows of 1500 from the update span
+    (group_blocks.h, kMomentsInSpan), in two chunks."""
     gen = torch.Generator().manual_seed(11)
-    rows, cols, lr, group_l1 = 64, 300, 1e-3, 1.0  # c = 1e-3
+    rows, lr, group_l1 = 64, 1e-3, 1.0  # c = 1e-3
     if spread == "log-normal":
         mag = torch.exp(2.0 * torch.randn(rows, cols, generator=gen, dtype=torch.float64))
     elif spread == "constant":
@@ -288,12 +292,12 @@ def test_adam_polynomial_path_around_its_bound(spread):
     tmax = 1.0 / mag.min(dim=1).values
     w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
     w *= (lr * group_l1 * tmax / ratio / w.norm(dim=1)).unsqueeze(1)
-    params = [w.float()]
-    refs = run_adam(params, [[g.float()]], [0], lr=lr, group_l1=group_l1)
+    params = [w.to(dtype)]
+    refs = run_adam(params, [[g.to(dtype)]], [0], lr=lr, group_l1=group_l1)
     z_norm = refs[0].norm(dim=1)  # ~ ||z|| (the shrink is below 1.6%)
     achieved = lr * group_l1 * tmax / z_norm
     assert (achieved < 2.0**-8.5).sum() > 10 and (achieved > 2.0**-7.5).sum() > 10
-    assert_close_to_ref(params[0], refs[0], torch.float32)
+    assert_close_to_ref(params[0], refs[0], dtype)
     assert not _zero_groups(refs, [0]).any()
 
 

@@ -40,9 +40,11 @@
 #if defined(_OPENMP) || defined(REGOPTIM_OPENMP_SIMD)
 #define REGOPTIM_SIMD _Pragma("omp simd")
 #define REGOPTIM_SIMD_SUM _Pragma("omp simd reduction(+ : norm)")
+#define REGOPTIM_SIMD_MOMENTS _Pragma("omp simd reduction(+ : s0, s1, s2) reduction(max : tm)")
 #else
 #define REGOPTIM_SIMD
 #define REGOPTIM_SIMD_SUM
+#define REGOPTIM_SIMD_MOMENTS
 #endif
 
 namespace {
@@ -294,19 +296,25 @@ struct AdamScalars {
 // inverse denominator t = 1 / d, d = sqrt(v) * (1 / sqrt(bc2)) + eps (the prox's metric), to
 // `den_out`, and take the step as (-step_size * m) * t: one division per element, as the L1
 // step (torch has no group lasso to match; torch's form, used otherwise, has two).
+// MOM (with DEN): also add the group prox's float moments of the n stored results z and their t
+// to mom_out: [0] sum z^2, [1] sum z^2 t, [2] sum z^2 t^2, and [3] max t (group_lasso.h's
+// polynomial path; free in this memory-bound loop). Summed in the vector lanes in float (the
+// group driver calls this on at most kMomentsChunk elements at a time), so the order depends
+// on the vector width: the path uses them only for rho, whose error reaches x scaled by e <=
+// 2^-8.
 template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL, int FM,
-          bool DEN = false>
+          bool DEN = false, bool MOM = false>
 void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
                typename S::T* __restrict m, typename S::T* __restrict v,
                typename S::T* __restrict vmax, int64_t n, const AdamScalars& sc,
                float neg_step_size, float bc2_sqrt, float inv_bc2_sqrt, uint32_t tail_mask,
-               float* __restrict den_out = nullptr) {
+               float* __restrict den_out = nullptr, float* __restrict mom_out = nullptr) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, decay = sc.decay, lw = sc.lerp_w,
               beta2 = sc.beta2, c2 = sc.c2, eps = sc.eps, lr_l1 = sc.lr_l1;
   const uint32_t small_mask = sc.small_mask, max_mask = sc.max_mask, wd_mask = sc.wd_mask,
                  fm = sc.fma_mask;
-  REGOPTIM_SIMD
-  for (int64_t i = 0; i < n; ++i) {
+  // one element; returns the stored parameter, its t in *t_out (DEN)
+  const auto elem = [&](int64_t i, float& t_out) {
     float gv = S::ld(g[i]);
     if (SCALE) {
       gv = gv / scale;
@@ -335,13 +343,39 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
       const float den = std::fma(std::sqrt(vv), inv_bc2_sqrt, eps);
       const float inv = 1.0f / den;
       if (DEN) den_out[i] = inv;
+      t_out = inv;
       pv = pv + (neg_step_size * mv) * inv;
       if (L1) pv = soft_threshold(pv, lr_l1 * inv);
     } else {
       const float den = std::sqrt(vv) / bc2_sqrt + eps;
       pv = pv + (neg_step_size * mv) / den;
     }
-    p[i] = S::st(pv);
+    const typename S::T stored = S::st(pv);
+    p[i] = stored;
+    return stored;
+  };
+  if constexpr (MOM) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, tm = 0.0f;
+    REGOPTIM_SIMD_MOMENTS
+    for (int64_t i = 0; i < n; ++i) {
+      float t;
+      const float z = S::ld(elem(i, t));
+      const float q = z * z, qt = q * t;
+      s0 += q;
+      s1 += qt;
+      s2 += qt * t;
+      tm = t > tm ? t : tm;
+    }
+    mom_out[0] += s0;
+    mom_out[1] += s1;
+    mom_out[2] += s2;
+    mom_out[3] = tm > mom_out[3] ? tm : mom_out[3];
+  } else {
+    REGOPTIM_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      float t;
+      elem(i, t);
+    }
   }
 }
 
@@ -448,16 +482,29 @@ void adam_run(int64_t n, const int64_t* ps, const int64_t* gs, const int64_t* ms
   using T = typename S::T;
   auto kernel = [&](auto lean_tag) {
     constexpr bool lean = decltype(lean_tag)::value;
-    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail, float* den) {
+    return [&](int64_t k, int64_t off, int64_t len, uint32_t tail, float* den,
+               float* mom = nullptr) {
       T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
+      constexpr int R = kRuntime;
+      T *p = ptr<T>(ps, k) + off, *g = ptr<T>(gs, k) + off;
+      T *m = ptr<T>(ms, k) + off, *v = ptr<T>(vs, k) + off;
+      const float a = neg_ss[k], b = bc2s[k], ib = ibc2s[k];
       if constexpr (lean) {
-        adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff, FM, DEN>(
-            ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
-            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail, den);
+        if (DEN && mom) {
+          adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff, FM, DEN, DEN>(
+              p, g, m, v, vm, len, sc, a, b, ib, tail, den, mom);
+        } else {
+          adam_span<S, SCALE, AMS, L1, MAX, WD, SMALL, kOff, FM, DEN>(p, g, m, v, vm, len, sc, a,
+                                                                     b, ib, tail, den);
+        }
       } else {
-        adam_span<S, SCALE, AMS, L1, kRuntime, kRuntime, kRuntime, kRuntime, kRuntime, DEN>(
-            ptr<T>(ps, k) + off, ptr<T>(gs, k) + off, ptr<T>(ms, k) + off,
-            ptr<T>(vs, k) + off, vm, len, sc, neg_ss[k], bc2s[k], ibc2s[k], tail, den);
+        if (DEN && mom) {
+          adam_span<S, SCALE, AMS, L1, R, R, R, R, R, DEN, DEN>(p, g, m, v, vm, len, sc, a, b, ib,
+                                                                tail, den, mom);
+        } else {
+          adam_span<S, SCALE, AMS, L1, R, R, R, R, R, DEN>(p, g, m, v, vm, len, sc, a, b, ib, tail,
+                                                           den);
+        }
       }
     };
   };

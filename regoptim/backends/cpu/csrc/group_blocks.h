@@ -49,6 +49,9 @@ constexpr int64_t kGroupBlockBytes = 256 * 1024;
 constexpr int64_t kLineFloats = 16;      // elements of a cache line of float32
 // SGD: parts of at least this many elements get their sums of squares from the update span
 constexpr int64_t kNormInSpan = 64;
+// Adam: parts of at least this many elements updated in place get their moments from the update
+// span (adam_span's MOM), called on at most kMomentsChunk (group_lasso.h) elements at a time
+constexpr int64_t kMomentsInSpan = 512;
 
 // What a family's block holds per element (bytes of its tensors and floats of scratch) and per
 // group (floats of scratch).
@@ -146,18 +149,18 @@ void for_each_thread(int nt, const F& work) {
 // The update of elements [off, off + len) of tensor k, split where torch's scalar tail starts
 // (as for_each_range): `lean` before, `generic` after. `out`: Adam's denominators for the range
 // (float*, offset with it), or where SGD adds the range's sum of squares (double*), or nullptr.
-template <class Lean, class Generic, class Out>
+template <class Lean, class Generic, class Out, class... Extra>
 inline void update_range(const GroupLayout& lay, int64_t k, int64_t off, int64_t len,
-                         const Lean& lean, const Generic& generic, Out* out) {
+                         const Lean& lean, const Generic& generic, Out* out, Extra... extra) {
   const int64_t nk = lay.numels[k];
   const int64_t ts = lay.tail_width > 0 ? nk - nk % lay.tail_width : nk;
   const int64_t end = off + len;
-  if (off < ts) lean(k, off, std::min(end, ts) - off, 0u, out);
+  if (off < ts) lean(k, off, std::min(end, ts) - off, 0u, out, extra...);
   if (end > ts) {
     const int64_t a = std::max(off, ts);
     Out* tail_out = out;
     if constexpr (std::is_same_v<Out, float>) tail_out = out + (a - off);
-    generic(k, a, end - a, 0xFFFFFFFFu, tail_out);
+    generic(k, a, end - a, 0xFFFFFFFFu, tail_out, extra...);
   }
 }
 
@@ -217,6 +220,8 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
     const int64_t gend = n * (tid + 1) / nthr;
     for (int64_t g0 = n * tid / nthr; g0 < gend; g0 += lay.per_block) {
       const int64_t nb = std::min(lay.per_block, gend - g0);
+      std::fill(mo, mo + 3 * nb, 0.0);
+      std::fill(tmax, tmax + nb, 0.0f);
       // 1. the step on the block, its inverse denominators to run_den (then gathered, or in place)
       float* den = run_den;
       int64_t pos = 0, j = 0;  // pos: where the run's part of a group starts in the group
@@ -224,8 +229,24 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
         const int64_t in = lay.inner[k];
         for (int64_t o = 0; o < lay.outer[k] && in > 0; ++o, den += nb * in, pos += in) {
           const int64_t off = (o * n + g0) * in;
-          update_range(lay, k, off, nb * in, lean, generic, den);
           T* x = ptr<T>(ps, k) + off;
+          if (in_place && in >= kMomentsInSpan) {  // long parts: moments from the span
+            for (int64_t g = 0; g < nb; ++g) {
+              for (int64_t c0 = 0; c0 < in; c0 += kMomentsChunk) {
+                float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                const int64_t len = std::min(kMomentsChunk, in - c0);
+                update_range(lay, k, off + g * in + c0, len, lean, generic, den + g * in + c0,
+                             static_cast<float*>(part));
+                mo[g] += part[0];
+                mo[nb + g] += part[1];
+                mo[2 * nb + g] += part[2];
+                tmax[g] = part[3] > tmax[g] ? part[3] : tmax[g];
+              }
+            }
+            parts[j++] = GroupPart<T>{x, den, in, in, true};
+            continue;
+          }
+          update_range(lay, k, off, nb * in, lean, generic, den);
           if (in_place) {
             parts[j++] = GroupPart<T>{x, den, in, in};
             continue;

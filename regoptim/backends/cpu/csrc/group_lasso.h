@@ -161,8 +161,9 @@ inline float block_soft_threshold_factor(double sumsq, double c) {
 template <class T>
 struct GroupPart {
   T* z;
-  float* d;  // the update's inverse denominators t = 1 / d (group_adam_prox), or d
+  float* d;  // the update's inverse denominators t = 1 / d (groups_adam_prox), or d
   int64_t len, stride;
+  bool moments_done = false;  // its moments come from the update span (group_moments skips it)
 };
 constexpr int64_t kMaxInPlaceParts = 64;
 
@@ -316,10 +317,13 @@ void group_diag_prox(const GroupPart<typename S::T>* parts, int64_t nparts, int6
 // ulp). Any other group (a tiny or NaN/infinite d, a group near or at zero) takes the general
 // path: d_i = 1 / t_i, then group_diag_prox.
 constexpr double kPolyDelta = 1.0 / 256;
+constexpr int64_t kMomentsChunk = 1024;  // elements summed in float lanes before double
 
-// The moments of group g: mo[k * stride] = M_k (k = 0..2), *tmax = max t. As sum_pos2: 16 lanes
-// of float terms summed 4 deep, then in double over all parts; the lanes are reduced pairwise
-// once per group. A NaN t makes M_1, M_2 NaN (max t ignores it).
+// The moments of group g over its parts not marked moments_done: mo[k * stride] += M_k (k = 0..2),
+// *tmax = max(*tmax, max t). 16 lanes of float terms summed up to 64 deep (kMomentsChunk
+// elements), then in double over all parts; the lanes are reduced pairwise once per group. Their
+// error (< 70 float32 roundings, relative: positive terms) reaches x only through rho, scaled by
+// e <= 2^-8: below 2^-26. A NaN t makes M_1, M_2 NaN (max t ignores it).
 template <class S>
 void group_moments(const GroupPart<typename S::T>* parts, int64_t nparts, int64_t g,
                    double* mo, int64_t stride, float* tmax) {
@@ -327,16 +331,18 @@ void group_moments(const GroupPart<typename S::T>* parts, int64_t nparts, int64_
   double tail0 = 0.0, tail1 = 0.0, tail2 = 0.0;
   float hi[16] = {};
   for (int64_t q = 0; q < nparts; ++q) {
+    if (parts[q].moments_done) continue;
     const typename S::T* __restrict z = parts[q].z + g * parts[q].stride;
     const float* __restrict t = parts[q].d + g * parts[q].stride;
     const int64_t m = parts[q].len;
     int64_t i = 0;
-    for (; i + 64 <= m; i += 64) {
+    while (m - i >= 16) {  // chunks of up to kMomentsChunk elements, 64 deep per lane
+      const int64_t end = i + std::min<int64_t>(kMomentsChunk, (m - i) / 16 * 16);
       float p0[16] = {}, p1[16] = {}, p2[16] = {};
-      for (int u = 0; u < 64; u += 16) {
+      for (; i < end; i += 16) {
         REGOPTIM_SIMD
         for (int j = 0; j < 16; ++j) {
-          const float ti = t[i + u + j], zi = S::ld(z[i + u + j]);
+          const float ti = t[i + j], zi = S::ld(z[i + j]);
           const float s0 = zi * zi, s1 = s0 * ti;
           p0[j] += s0;
           p1[j] += s1;
@@ -368,10 +374,10 @@ void group_moments(const GroupPart<typename S::T>* parts, int64_t nparts, int64_
       hi[j] = hi[j + w] > hi[j] ? hi[j + w] : hi[j];
     }
   }
-  mo[0] = a0[0] + tail0;
-  mo[stride] = a1[0] + tail1;
-  mo[2 * stride] = a2[0] + tail2;
-  *tmax = hi[0];
+  mo[0] += a0[0] + tail0;
+  mo[stride] += a1[0] + tail1;
+  mo[2 * stride] += a2[0] + tail2;
+  *tmax = hi[0] > *tmax ? hi[0] : *tmax;
 }
 
 // For each of nb groups (moments as group_moments wrote them, stride nb): ce = c / rho when the
@@ -427,6 +433,7 @@ void group_general_prox(const GroupPart<typename S::T>* parts, int64_t nparts, i
 // Groups [0, nb) of `parts` <- their prox in the metric diag(1 / t) (parts[q].d holds t; the
 // general path overwrites a group's with d). `mo` (3 nb doubles), `tmax` and `ce` (nb floats):
 // scratch; `xbuf` as group_diag_prox.
+// `mo` and `tmax` hold the moments of the parts marked moments_done (else 0) on entry.
 template <class S>
 void groups_adam_prox(const GroupPart<typename S::T>* parts, int64_t nparts, int64_t nb,
                       double c, double* mo, float* tmax, float* ce, float* xbuf) {
