@@ -319,6 +319,20 @@ void group_diag_prox(const GroupPart<typename S::T>* parts, int64_t nparts, int6
 constexpr double kPolyDelta = 1.0 / 256;
 constexpr int64_t kMomentsChunk = 1024;  // elements summed in float lanes before double
 
+// Lanes [0, W) += lanes [W, 2W) (max for hi): one step of a pairwise reduction, W a constant so
+// that it vectorizes.
+template <int W>
+inline void fold_lanes(double* __restrict a0, double* __restrict a1, double* __restrict a2,
+                       float* __restrict hi) {
+  REGOPTIM_SIMD
+  for (int j = 0; j < W; ++j) {
+    a0[j] += a0[j + W];
+    a1[j] += a1[j + W];
+    a2[j] += a2[j + W];
+    hi[j] = hi[j + W] > hi[j] ? hi[j + W] : hi[j];
+  }
+}
+
 // The moments of group g over its parts not marked moments_done: mo[k * stride] += M_k (k = 0..2),
 // *tmax = max(*tmax, max t). 16 lanes of float terms summed up to 64 deep (kMomentsChunk
 // elements), then in double over all parts; the lanes are reduced pairwise once per group. Their
@@ -366,14 +380,10 @@ void group_moments(const GroupPart<typename S::T>* parts, int64_t nparts, int64_
       hi[0] = ti > hi[0] ? ti : hi[0];
     }
   }
-  for (int w = 8; w >= 1; w /= 2) {
-    for (int j = 0; j < w; ++j) {
-      a0[j] += a0[j + w];
-      a1[j] += a1[j + w];
-      a2[j] += a2[j + w];
-      hi[j] = hi[j + w] > hi[j] ? hi[j + w] : hi[j];
-    }
-  }
+  fold_lanes<8>(a0, a1, a2, hi);
+  fold_lanes<4>(a0, a1, a2, hi);
+  fold_lanes<2>(a0, a1, a2, hi);
+  fold_lanes<1>(a0, a1, a2, hi);
   mo[0] += a0[0] + tail0;
   mo[stride] += a1[0] + tail1;
   mo[2 * stride] += a2[0] + tail2;
