@@ -36,15 +36,20 @@
 
 #define REGOPTIM_ABI_VERSION 4
 
+// Adam's element function is called from two loops when it also sums moments (MOM): inlined in
+// both, so that the vector one vectorizes (GCC keeps a call otherwise, for bfloat16 / float16).
+#if defined(__GNUC__)
+#define REGOPTIM_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define REGOPTIM_ALWAYS_INLINE
+#endif
 // Element loops are vectorized explicitly (the selects on runtime flags become blends).
 #if defined(_OPENMP) || defined(REGOPTIM_OPENMP_SIMD)
 #define REGOPTIM_SIMD _Pragma("omp simd")
 #define REGOPTIM_SIMD_SUM _Pragma("omp simd reduction(+ : norm)")
-#define REGOPTIM_SIMD_MOMENTS _Pragma("omp simd reduction(+ : s0, s1, s2) reduction(max : tm)")
 #else
 #define REGOPTIM_SIMD
 #define REGOPTIM_SIMD_SUM
-#define REGOPTIM_SIMD_MOMENTS
 #endif
 
 namespace {
@@ -296,25 +301,43 @@ struct AdamScalars {
 // inverse denominator t = 1 / d, d = sqrt(v) * (1 / sqrt(bc2)) + eps (the prox's metric), to
 // `den_out`, and take the step as (-step_size * m) * t: one division per element, as the L1
 // step (torch has no group lasso to match; torch's form, used otherwise, has two).
-// MOM (with DEN): also add the group prox's float moments of the n stored results z and their t
-// to mom_out: [0] sum z^2, [1] sum z^2 t, [2] sum z^2 t^2, and [3] max t (group_lasso.h's
-// polynomial path; free in this memory-bound loop). Summed in the vector lanes in float (the
-// group driver calls this on at most kMomentsChunk elements at a time), so the order depends
-// on the vector width: the path uses them only for rho, whose error reaches x scaled by e <=
-// 2^-8.
+// MOM (with DEN): also add the group prox's float moments of the results z (before their rounding
+// to T: for bfloat16 / float16 their relative error 2^-8 / 2^-11 reaches x scaled by e <= 2^-8,
+// far below T's own rounding) and their t,
+// per segment (a group's run), to mom_out->out: [0] sum z^2, [1] sum z^2 t, [2] sum z^2 t^2, and
+// [3] max t, 4 floats per segment (group_lasso.h's polynomial path; free in this memory-bound
+// loop). The n elements start `phase` elements into a segment of `seg`. Summed in 16 float lanes
+// (segments of at most kMomentsChunk elements: 64 deep), then pairwise; the path uses them only
+// for rho, whose error reaches x scaled by e <= 2^-8.
+struct MomentsOut {
+  float* out;
+  int64_t seg, phase;
+};
+// Lanes [0, W) of three sums += lanes [W, 2W), of a max <- the max: one pairwise step.
+template <int W>
+inline void fold_moments(float (&a)[4][16]) {
+  REGOPTIM_SIMD
+  for (int j = 0; j < W; ++j) {
+    a[0][j] += a[0][j + W];
+    a[1][j] += a[1][j + W];
+    a[2][j] += a[2][j + W];
+    a[3][j] = a[3][j + W] > a[3][j] ? a[3][j + W] : a[3][j];
+  }
+}
+
 template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL, int FM,
           bool DEN = false, bool MOM = false>
 void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
                typename S::T* __restrict m, typename S::T* __restrict v,
                typename S::T* __restrict vmax, int64_t n, const AdamScalars& sc,
                float neg_step_size, float bc2_sqrt, float inv_bc2_sqrt, uint32_t tail_mask,
-               float* __restrict den_out = nullptr, float* __restrict mom_out = nullptr) {
+               float* __restrict den_out = nullptr, const MomentsOut* mom_out = nullptr) {
   const float sign = sc.sign, scale = sc.scale, wd = sc.wd, decay = sc.decay, lw = sc.lerp_w,
               beta2 = sc.beta2, c2 = sc.c2, eps = sc.eps, lr_l1 = sc.lr_l1;
   const uint32_t small_mask = sc.small_mask, max_mask = sc.max_mask, wd_mask = sc.wd_mask,
                  fm = sc.fma_mask;
-  // one element; returns the stored parameter, its t in *t_out (DEN)
-  const auto elem = [&](int64_t i, float& t_out) {
+  // one element; returns the new parameter before its rounding to T, its t in t_out (DEN)
+  const auto elem = [&](int64_t i, float& t_out) REGOPTIM_ALWAYS_INLINE {
     float gv = S::ld(g[i]);
     if (SCALE) {
       gv = gv / scale;
@@ -350,26 +373,46 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
       const float den = std::sqrt(vv) / bc2_sqrt + eps;
       pv = pv + (neg_step_size * mv) / den;
     }
-    const typename S::T stored = S::st(pv);
-    p[i] = stored;
-    return stored;
+    p[i] = S::st(pv);
+    return pv;
   };
   if constexpr (MOM) {
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, tm = 0.0f;
-    REGOPTIM_SIMD_MOMENTS
-    for (int64_t i = 0; i < n; ++i) {
-      float t;
-      const float z = S::ld(elem(i, t));
-      const float q = z * z, qt = q * t;
-      s0 += q;
-      s1 += qt;
-      s2 += qt * t;
-      tm = t > tm ? t : tm;
+    float* o = mom_out->out;
+    int64_t i = 0;
+    for (int64_t end = std::min(n, mom_out->seg - mom_out->phase); i < n;
+         end = std::min(n, end + mom_out->seg), o += 4) {
+      // 16 float lanes (explicit: omp's max reduction does not vectorize), then folded
+      float a[4][16] = {};
+      for (; i + 16 <= end; i += 16) {
+        REGOPTIM_SIMD
+        for (int j = 0; j < 16; ++j) {
+          float t;
+          const float z = elem(i + j, t);
+          const float q = z * z, qt = q * t;
+          a[0][j] += q;
+          a[1][j] += qt;
+          a[2][j] += qt * t;
+          a[3][j] = t > a[3][j] ? t : a[3][j];
+        }
+      }
+      for (; i < end; ++i) {
+        float t;
+        const float z = elem(i, t);
+        const float q = z * z, qt = q * t;
+        a[0][0] += q;
+        a[1][0] += qt;
+        a[2][0] += qt * t;
+        a[3][0] = t > a[3][0] ? t : a[3][0];
+      }
+      fold_moments<8>(a);
+      fold_moments<4>(a);
+      fold_moments<2>(a);
+      fold_moments<1>(a);
+      o[0] += a[0][0];
+      o[1] += a[1][0];
+      o[2] += a[2][0];
+      o[3] = a[3][0] > o[3] ? a[3][0] : o[3];
     }
-    mom_out[0] += s0;
-    mom_out[1] += s1;
-    mom_out[2] += s2;
-    mom_out[3] = tm > mom_out[3] ? tm : mom_out[3];
   } else {
     REGOPTIM_SIMD
     for (int64_t i = 0; i < n; ++i) {
@@ -483,7 +526,7 @@ void adam_run(int64_t n, const int64_t* ps, const int64_t* gs, const int64_t* ms
   auto kernel = [&](auto lean_tag) {
     constexpr bool lean = decltype(lean_tag)::value;
     return [&](int64_t k, int64_t off, int64_t len, uint32_t tail, float* den,
-               float* mom = nullptr) {
+               const MomentsOut* mom = nullptr) {
       T* vm = AMS ? ptr<T>(vmaxs, k) + off : nullptr;
       constexpr int R = kRuntime;
       T *p = ptr<T>(ps, k) + off, *g = ptr<T>(gs, k) + off;

@@ -26,9 +26,11 @@
 //
 // Norms. SGD: parts of kNormInSpan elements or more get their sum of squares from the update
 // span itself (sgd_span's NORM: a double accumulator per part, free in that memory-bound loop),
-// shorter ones (biases, column groups) from a pass over the block's runs (add_sumsq). Adam: the
-// moments of each group of the block from a pass over it, then every group's rho at once
-// (vectorized over the groups), then a pass that writes each group (groups_adam_prox).
+// shorter ones (biases, column groups) from a pass over the block's runs (add_sumsq). Adam
+// likewise takes the moments of the polynomial path (group_lasso.h) from the update span for
+// in-place parts of kMomentsInSpan elements or more, from a pass for the rest; then every
+// group's rho at once (vectorized over the groups), then a pass that writes each group
+// (groups_adam_prox).
 //
 // Every group is computed by one thread in an order that depends on the layout only: 1 or N
 // threads give bitwise the same result.
@@ -50,8 +52,9 @@ constexpr int64_t kLineFloats = 16;      // elements of a cache line of float32
 // SGD: parts of at least this many elements get their sums of squares from the update span
 constexpr int64_t kNormInSpan = 64;
 // Adam: parts of at least this many elements updated in place get their moments from the update
-// span (adam_span's MOM), called on at most kMomentsChunk (group_lasso.h) elements at a time
-constexpr int64_t kMomentsInSpan = 512;
+// span (adam_span's MOM): one call on the block's run, one segment per group, for parts of up to
+// kMomentsChunk (group_lasso.h) elements; longer ones per group in chunks of that many
+constexpr int64_t kMomentsInSpan = 16;
 
 // What a family's block holds per element (bytes of its tensors and floats of scratch) and per
 // group (floats of scratch).
@@ -66,7 +69,7 @@ constexpr GroupFamily kSgdGroup{12, 0, 3, 0};
 // Adam: param, grad, two moments, max (4 bytes each at most); the update's inverse denominators
 // in the tensors' order, then z and t in the groups' order; per group three double moments, max t
 // and c / rho; and one group's x at a Newton iterate.
-constexpr GroupFamily kAdamGroup{20 + 12, 3, 8, 1};
+constexpr GroupFamily kAdamGroup{20 + 12, 3, 12, 1};
 
 struct GroupLayout {
   int64_t ntensors = 0;
@@ -199,6 +202,27 @@ void sgd_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float*
   });
 }
 
+// Adam's update of elements [off, off + len) of tensor k, a whole number of segments of `seg`
+// elements, with their inverse denominators to `den` and each segment's moments added to its 4
+// floats of `rec` (adam_span's MOM); split where torch's scalar tail starts, as update_range.
+template <class Lean, class Generic>
+inline void adam_update_moments(const GroupLayout& lay, int64_t k, int64_t off, int64_t len,
+                                const Lean& lean, const Generic& generic, float* den,
+                                float* rec, int64_t seg) {
+  const int64_t nk = lay.numels[k];
+  const int64_t ts = lay.tail_width > 0 ? nk - nk % lay.tail_width : nk;
+  const int64_t end = off + len;
+  if (off < ts) {
+    const MomentsOut mom{rec, seg, 0};
+    lean(k, off, std::min(end, ts) - off, 0u, den, &mom);
+  }
+  if (end > ts) {
+    const int64_t a = std::max(off, ts), rel = a - off;
+    const MomentsOut mom{rec + 4 * (rel / seg), seg, rel % seg};
+    generic(k, a, end - a, 0xFFFFFFFFu, den + rel, &mom);
+  }
+}
+
 template <class S, class Lean, class Generic>
 void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float* scratch,
                       const Lean& lean, const Generic& generic) {
@@ -211,7 +235,8 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
     double* mo = reinterpret_cast<double*>(scratch + tid * lay.scratch_per_thread);
     float* tmax = reinterpret_cast<float*>(mo + 3 * lay.per_block);  // per group: 3 moments,
     float* ce = tmax + lay.per_block;                                // max t, c / rho
-    float* run_den = ce + lay.per_block;  // the tensors' order
+    float* rec = ce + lay.per_block;  // per group: 4 float moments from the span
+    float* run_den = rec + 4 * lay.per_block;  // the tensors' order
     float* zs = run_den + lay.per_block * gn;  // gathered: z of each group, the groups' order
     float* ds = zs + lay.per_block * gn;  // gathered: t of each group
     float* xbuf = ds + lay.per_block * gn;  // one group's x at the current Newton iterate
@@ -231,17 +256,23 @@ void adam_group_drive(const GroupLayout& lay, const int64_t* ps, double c, float
           const int64_t off = (o * n + g0) * in;
           T* x = ptr<T>(ps, k) + off;
           if (in_place && in >= kMomentsInSpan) {  // long parts: moments from the span
-            for (int64_t g = 0; g < nb; ++g) {
-              for (int64_t c0 = 0; c0 < in; c0 += kMomentsChunk) {
-                float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                const int64_t len = std::min(kMomentsChunk, in - c0);
-                update_range(lay, k, off + g * in + c0, len, lean, generic, den + g * in + c0,
-                             static_cast<float*>(part));
-                mo[g] += part[0];
-                mo[nb + g] += part[1];
-                mo[2 * nb + g] += part[2];
-                tmax[g] = part[3] > tmax[g] ? part[3] : tmax[g];
+            std::fill(rec, rec + 4 * nb, 0.0f);
+            if (in <= kMomentsChunk) {  // the block's run, one segment per group
+              adam_update_moments(lay, k, off, nb * in, lean, generic, den, rec, in);
+            } else {  // each group's run in chunks
+              for (int64_t g = 0; g < nb; ++g) {
+                for (int64_t c0 = 0; c0 < in; c0 += kMomentsChunk) {
+                  const int64_t len = std::min(kMomentsChunk, in - c0);
+                  adam_update_moments(lay, k, off + g * in + c0, len, lean, generic,
+                                      den + g * in + c0, rec + 4 * g, len);
+                }
               }
+            }
+            for (int64_t g = 0; g < nb; ++g) {
+              mo[g] += rec[4 * g];
+              mo[nb + g] += rec[4 * g + 1];
+              mo[2 * nb + g] += rec[4 * g + 2];
+              tmax[g] = rec[4 * g + 3] > tmax[g] ? rec[4 * g + 3] : tmax[g];
             }
             parts[j++] = GroupPart<T>{x, den, in, in, true};
             continue;
