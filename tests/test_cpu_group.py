@@ -274,7 +274,7 @@ def test_adam_constant_denominators_and_small_threshold():
 @pytest.mark.parametrize("spread", ["log-normal", "constant", "two-valued"])
 def test_adam_polynomial_path_around_its_bound(spread, cols, dtype):
     """The kernel solves a group without a division when c * max t <= ||z|| / 256 (t = 1 / d;
-    csrc/group_lasso.h, kPolyDelta): rows here put that ratio from 2^-12 to 2^-6, on both sides
+    csrc/group_poly.h, kPolyDelta): rows here put that ratio from 2^-12 to 2^-6, on both sides
     of the bound, with d spread over decades, constant, or two values 1e3 apart. After one Adam
     step d = |g| + eps and z = p - lr * g / d, so a row's ratio is set by its min |g| and ||p||.
     Rows of 300 take their moments from a pass over the group, rows of 1500 from the update span
@@ -302,7 +302,7 @@ def test_adam_polynomial_path_around_its_bound(spread, cols, dtype):
 
 
 def test_adam_polynomial_path_math_in_float64():
-    """The polynomial path's math (csrc/group_lasso.h: rho from M_0..M_2 by its second-order
+    """The polynomial path's math (csrc/group_poly.h: rho from M_0..M_2 by its second-order
     series, x_i = z_i (1 - e_i + e_i^2 - e_i^3)) in float64, at and below its bound
     c * max t <= ||z|| / 256, against the exact root rho^2 = sum z^2 / (1 + c t / rho)^2 found
     by scipy's brentq: x within 2^-30 (relative) of the exact prox, far below float32 rounding;
@@ -520,7 +520,9 @@ def test_malformed_inputs_raise_naming_the_parameter():
 def test_headers_are_part_of_the_build_cache_key_and_the_package(tmp_path, monkeypatch):
     from regoptim.backends.cpu import build as cb
 
-    assert {"group_lasso.h", "group_blocks.h"} <= {h.name for h in cb._HEADERS}
+    assert {"group_lasso.h", "group_poly.h", "group_blocks.h", "spans.h", "elementwise.h"} <= {
+        h.name for h in cb._HEADERS
+    }
     flags = cb._FLAG_SETS[0]
     before = cb._entry_name(flags)
     changed = tmp_path / cb._HEADERS[-1].name

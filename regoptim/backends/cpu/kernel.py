@@ -44,7 +44,7 @@ __all__ = [
     "load",
 ]
 
-# Flags shared with fused_cpu.cpp (keep in sync).
+# Flags shared with csrc/elementwise.h (keep in sync).
 _MAXIMIZE = 1
 _HAS_SCALE = 2
 _COUPLED_WD = 4

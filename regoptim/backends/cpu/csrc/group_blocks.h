@@ -1,5 +1,5 @@
 // Group lasso in the fused CPU kernel: the step of a param group, then the prox of each group
-// (group_lasso.h), in one pass over memory.
+// (group_lasso.h, group_poly.h), in one pass over memory.
 //
 // Included at the end of fused_cpu.cpp: uses ptr<T>(), kMinPerThread, sgd_dispatch /
 // adam_dispatch, their scalars and the plain entry points; defines the extern "C" entry points
@@ -27,7 +27,7 @@
 // Norms. SGD: parts of kNormInSpan elements or more get their sum of squares from the update
 // span itself (sgd_span's NORM: a double accumulator per part, free in that memory-bound loop),
 // shorter ones (biases, column groups) from a pass over the block's runs (add_sumsq). Adam
-// likewise takes the moments of the polynomial path (group_lasso.h) from the update span for
+// likewise takes the moments of the polynomial path (group_poly.h) from the update span for
 // in-place parts of kMomentsInSpan elements or more, from a pass for the rest; then every
 // group's rho at once (vectorized over the groups), then a pass that writes each group
 // (groups_adam_prox).
@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "group_lasso.h"
+#include "group_poly.h"
 
 namespace {
 
@@ -53,7 +54,7 @@ constexpr int64_t kLineFloats = 16;      // elements of a cache line of float32
 constexpr int64_t kNormInSpan = 64;
 // Adam: parts of at least this many elements updated in place get their moments from the update
 // span (adam_span's MOM): one call on the block's run, one segment per group, for parts of up to
-// kMomentsChunk (group_lasso.h) elements; longer ones per group in chunks of that many
+// kMomentsChunk (group_poly.h) elements; longer ones per group in chunks of that many
 constexpr int64_t kMomentsInSpan = 16;
 
 // What a family's block holds per element (bytes of its tensors and floats of scratch) and per
