@@ -89,7 +89,8 @@ class ProxAdam(ProxOptimizer):
     :math:`\rho = \|x\|_2` is the root in :math:`(0, \|z\|]` of
     :math:`\sum_i (d_i z_i / (d_i \rho + c))^2 = 1`, solved per group to the parameter's float
     precision (safeguarded Newton: per group in the fused kernels, vectorised over the groups in
-    torch, ``regoptim.regularizers.group_lasso``). Group
+    torch, ``regoptim.regularizers.group_lasso``; the C++ kernel solves groups with
+    :math:`c \max_i 1/d_i \le \|z\|/256` from three moments instead, within :math:`2^{-30}`). Group
     :math:`g` is slice :math:`g` of every parameter of the param group along its axis in
     ``group_axes``. The prox covers the param group's parameters without a gradient this step too
     (the step leaves them as they are), with :math:`d` from their state's last update, or

@@ -6,10 +6,11 @@ regularizer               eager torch form            reference, C++ and Triton 
 decoupled weight decay    :mod:`.weight_decay`        ``reference.sgd_step``/``adam_step``;
                                                       the kernels' ``decay`` scalar
 L1 (``l1``)               :mod:`.l1`                  ``reference.soft_threshold_ref``;
-                                                      ``soft_threshold`` in ``csrc/fused_cpu.cpp``
+                                                      ``soft_threshold`` in ``csrc/elementwise.h``
                                                       and ``kernels/_jit.py``
 group lasso (``group_l1``) :mod:`.group_lasso`        ``reference.group_prox_ref``;
-                                                      ``csrc/group_lasso.h``, ``kernels/_group.py``
+                                                      ``csrc/group_lasso.h``, ``group_poly.h``,
+                                                      ``kernels/_group.py``
 ========================  ==========================  ======================================
 
 Each module's docstring carries the math; :mod:`.metric` holds Adam's diagonal metric that the L1

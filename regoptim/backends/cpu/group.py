@@ -2,7 +2,7 @@
 
 One call steps every parameter of one param group (``regoptim/backends/cpu/csrc/fused_cpu.cpp``, the same
 elementwise update as :mod:`regoptim.backends.cpu.kernel`, decay and L1 included) and applies the group
-prox (``regoptim/backends/cpu/csrc/group_lasso.h``) in the same pass over memory: blocks of consecutive groups
+prox (``regoptim/backends/cpu/csrc/group_lasso.h``, ``group_poly.h``) in the same pass over memory: blocks of consecutive groups
 are updated, then thresholded while they are still in cache (``regoptim/backends/cpu/csrc/group_blocks.h``,
 which says what the layouts cost: column groups and groups larger than the cache). The math is that of
 :mod:`regoptim.regularizers.group_lasso`: block soft-thresholding for ProxSGD, the exact prox in the metric of
