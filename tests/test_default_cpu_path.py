@@ -14,6 +14,7 @@ import torch
 import regoptim
 from regoptim import reference as ref
 from regoptim.backends.cpu import build as _cpu_build
+from regoptim.backends.cpu.abi import declare
 from regoptim.optimizer import resolve_impl
 from tests.tolerances import assert_close_to_ref
 
@@ -94,7 +95,7 @@ def test_installed_variants_compute_the_same() -> None:
         if path is not None:
             lib = _cpu_build._try_load(path)
             assert lib is not None, path
-            _cpu_build._declare(lib)
+            declare(lib)
             libs[variant] = lib
     assert len(libs) >= 1
     g = torch.Generator().manual_seed(0)

@@ -41,6 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from regoptim.backends.cpu.abi import ABI_VERSION, declare
 from regoptim.backends.cpu.private_files import (
     fsync,
     is_private_dir,
@@ -55,7 +56,6 @@ __all__ = ["available", "build_count", "build_info", "load"]
 _SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
 # The headers the source includes (group lasso): part of the cache key, installed beside it
 _HEADERS = sorted(_SOURCE.parent.glob("*.h"))
-_ABI_VERSION = 4
 
 # The kernel's flags, shared with setup.py (which builds the per-ISA variants at install time).
 _FLAGS = json.loads(_SOURCE.with_name("build_flags.json").read_text())
@@ -143,7 +143,7 @@ def _entry_name(flags: list[str]) -> str:
     """File stem of the build of this source with ``flags`` on this host (any compiler)."""
     parts = [_SOURCE.read_bytes(), *(h.read_bytes() for h in _HEADERS)]
     parts += [" ".join(flags).encode(), _host_id().encode()]
-    parts.append(str(_ABI_VERSION).encode())
+    parts.append(str(ABI_VERSION).encode())
     return "fused_cpu_" + hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
@@ -311,36 +311,11 @@ def _load_prebuilt() -> ctypes.CDLL | None:
 def _try_load(path: Path) -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(path))
-        if lib.regoptim_abi_version() != _ABI_VERSION:
+        if lib.regoptim_abi_version() != ABI_VERSION:
             return None
     except (OSError, AttributeError):
         return None
     return lib
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    i64p = ctypes.c_void_p
-    d = ctypes.c_double
-    lib.regoptim_sgd.restype = ctypes.c_int
-    lib.regoptim_sgd.argtypes = [
-        ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p,
-        d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-    ]  # fmt: skip
-    lib.regoptim_adam.restype = ctypes.c_int
-    lib.regoptim_adam.argtypes = [
-        ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p, i64p, i64p, i64p,
-        d, d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-    ]  # fmt: skip
-    lib.regoptim_sgd_group.restype = ctypes.c_int
-    lib.regoptim_sgd_group.argtypes = [
-        ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p, i64p, i64p, ctypes.c_int64,
-        d, d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-    ]  # fmt: skip
-    lib.regoptim_adam_group.restype = ctypes.c_int
-    lib.regoptim_adam_group.argtypes = [
-        ctypes.c_int, ctypes.c_int64, i64p, i64p, i64p, i64p, i64p, i64p, i64p, i64p, i64p,
-        ctypes.c_int64, d, d, d, d, d, d, d, d, d, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-    ]  # fmt: skip
 
 
 def _load_cached(flag_sets: list[list[str]]) -> ctypes.CDLL | None:
@@ -404,7 +379,7 @@ def load() -> ctypes.CDLL:
             return _lib
         t0 = time.perf_counter()
         lib = _load_or_build()
-        _declare(lib)
+        declare(lib)
         _info["load_seconds"] = time.perf_counter() - t0
         _info["openmp"] = bool(lib.regoptim_has_openmp())
         _lib = lib
