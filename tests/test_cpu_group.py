@@ -242,6 +242,18 @@ def test_adam_flags_match_reference(hp):
     _check(params, refs, axes, torch.float32)
 
 
+@pytest.mark.parametrize(
+    "hp", ADAM_CASES, ids=lambda hp: "-".join(f"{k}={v}" for k, v in hp.items())
+)
+def test_adam_flags_on_the_polynomial_path(hp):
+    """Every flag with a threshold small enough that most groups take the polynomial path
+    (csrc/group_poly.h), rows long enough that their moments come from the update span."""
+    shapes, axes = LAYOUTS["linear-rows+bias"]
+    params, grads = _problem(shapes, axes, steps=3, dead_every=1000)
+    refs = run_adam(params, grads, axes, group_l1=1e-3, **hp)
+    _check(params, refs, axes, torch.float32)
+
+
 def test_adam_widely_spread_denominators():
     """d spread over orders of magnitude within a group (Newton's hard case), thresholds from
     barely alive to strongly shrunk."""
@@ -361,10 +373,14 @@ def test_zero_group_stays_zero_and_nan_propagates(family):
 
 
 @pytest.mark.parametrize("family", ["sgd", "adam"])
-def test_grad_scale_and_found_inf(family):
+@pytest.mark.parametrize("group_l1", [10.0, 1e-4], ids=["general", "polynomial"])
+def test_grad_scale_and_found_inf(family, group_l1):
+    """The AMP protocol; the scaled step runs the kernel's all-runtime spans, the unscaled one its
+    lean spans: bitwise the same (for Adam with group_l1 1e-4 on its polynomial path, the
+    moments from both spans)."""
     shapes, axes = LAYOUTS["linear-rows+bias"]
     params, grads = _problem(shapes, axes, steps=1)
-    lasso = GroupLasso(group_l1=10.0, axes=tuple(axes))
+    lasso = GroupLasso(group_l1=group_l1, axes=tuple(axes))
     scaled = [g * 1024.0 for g in grads[0]]
     expect = [p.clone() for p in params]
     if family == "sgd":
