@@ -191,6 +191,15 @@ void adam_run(int64_t n, const int64_t* ps, const int64_t* gs, const int64_t* ms
 // momentum / max buffers) or adds real work (Adam's prox division). Lean kernels (flags
 // compiled in) for the common cases: float32 / bfloat16, no maximize, no grad scale, and for
 // SGD not the first step and no Nesterov; everything else runs with flags as run-time masks.
+// A build without FMA instructions (x86 baseline: the variant loaded when torch reports
+// DEFAULT, whose kernels have no FMA either, kNoFma) compiles FMA out of the kernels it runs
+// then: there std::fma is a library call, and the run-time blend computes it for every element
+// (18x torch's SGD step at 16M before this).
+#if defined(__x86_64__) && !defined(__FMA__)
+#define REGOPTIM_SOFT_FMA 1
+#else
+#define REGOPTIM_SOFT_FMA 0
+#endif
 template <class S, class Drive>
 void sgd_dispatch(int flags, const int64_t* ps, const int64_t* gs, const int64_t* bs,
                   const SgdScalars& sc, const Drive& drive) {
@@ -212,6 +221,15 @@ void sgd_dispatch(int flags, const int64_t* ps, const int64_t* gs, const int64_t
     }
 #undef REGOPTIM_SGD_LEAN
   }
+#if REGOPTIM_SOFT_FMA
+  if (flags & kNoFma) {  // no FMA compiled in at all (torch's tails aside)
+    if (scale && mom) sgd_run<S, true, true, R, R, R, R, R, kOff>(ps, gs, bs, sc, drive);
+    else if (scale) sgd_run<S, true, false, R, R, R, R, R, kOff>(ps, gs, bs, sc, drive);
+    else if (mom) sgd_run<S, false, true, R, R, R, R, R, kOff>(ps, gs, bs, sc, drive);
+    else sgd_run<S, false, false, R, R, R, R, R, kOff>(ps, gs, bs, sc, drive);
+    return;
+  }
+#endif
   if (scale && mom) sgd_run<S, true, true, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
   else if (scale) sgd_run<S, true, false, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
   else if (mom) sgd_run<S, false, true, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
@@ -245,6 +263,21 @@ void adam_dispatch(int flags, int64_t n, const int64_t* ps, const int64_t* gs,
     adam_run<S, DEN, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R, R>(                   \
         n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);                                    \
     break;
+#if REGOPTIM_SOFT_FMA
+#define REGOPTIM_ADAM_NOFMA(K)                                                             \
+  case K:                                                                                  \
+    adam_run<S, DEN, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R, kOff>(                \
+        n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);                                    \
+    return;
+  if (flags & kNoFma) {  // no FMA compiled in at all (torch's tails aside)
+    switch (key) {
+      REGOPTIM_ADAM_NOFMA(0) REGOPTIM_ADAM_NOFMA(1) REGOPTIM_ADAM_NOFMA(2) REGOPTIM_ADAM_NOFMA(3)
+      REGOPTIM_ADAM_NOFMA(4) REGOPTIM_ADAM_NOFMA(5) REGOPTIM_ADAM_NOFMA(6) REGOPTIM_ADAM_NOFMA(7)
+      default: break;
+    }
+  }
+#undef REGOPTIM_ADAM_NOFMA
+#endif
   switch (key) {
     REGOPTIM_ADAM_CASE(0) REGOPTIM_ADAM_CASE(1) REGOPTIM_ADAM_CASE(2) REGOPTIM_ADAM_CASE(3)
     REGOPTIM_ADAM_CASE(4) REGOPTIM_ADAM_CASE(5) REGOPTIM_ADAM_CASE(6) REGOPTIM_ADAM_CASE(7)

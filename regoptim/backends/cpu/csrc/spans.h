@@ -163,8 +163,9 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
     if (L1 || DEN) {
       // One division for the step and the threshold, sqrt(v) * (1 / sqrt(bc2)) instead of a
       // second one: the divider is the bottleneck of this loop. The step may differ by an ulp
-      // or two from torch's (-lr/bc1 * m) / (sqrt(v) / sqrt(bc2) + eps) (torch has no L1).
-      const float den = std::fma(std::sqrt(vv), inv_bc2_sqrt, eps);
+      // or two from torch's (-lr/bc1 * m) / (sqrt(v) / sqrt(bc2) + eps) (torch has no L1). An
+      // FMA where torch's build has them (madd), as everywhere in this loop.
+      const float den = madd<FM>(fm, std::sqrt(vv), inv_bc2_sqrt, eps);
       const float inv = 1.0f / den;
       if (DEN) den_out[i] = inv;
       t_out = inv;
