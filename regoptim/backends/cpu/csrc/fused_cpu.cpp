@@ -38,8 +38,8 @@
 
 #define REGOPTIM_ABI_VERSION 4
 
-// Adam's element function is called from two loops when it also sums moments (MOM): inlined in
-// both, so that the vector one vectorizes (GCC keeps a call otherwise, for bfloat16 / float16).
+// A span's element function is called from two loops when it also sums (SGD's NORM, Adam's
+// MOM): inlined in both, so that the vector one vectorizes (GCC keeps a call otherwise).
 #if defined(__GNUC__)
 #define REGOPTIM_ALWAYS_INLINE __attribute__((always_inline))
 #else
@@ -48,10 +48,8 @@
 // Element loops are vectorized explicitly (the selects on runtime flags become blends).
 #if defined(_OPENMP) || defined(REGOPTIM_OPENMP_SIMD)
 #define REGOPTIM_SIMD _Pragma("omp simd")
-#define REGOPTIM_SIMD_SUM _Pragma("omp simd reduction(+ : norm)")
 #else
 #define REGOPTIM_SIMD
-#define REGOPTIM_SIMD_SUM
 #endif
 
 #include "elementwise.h"

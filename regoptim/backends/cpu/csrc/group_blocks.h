@@ -25,7 +25,7 @@
 // back.
 //
 // Norms. SGD: parts of kNormInSpan elements or more get their sum of squares from the update
-// span itself (sgd_span's NORM: a double accumulator per part, free in that memory-bound loop),
+// span itself (sgd_span's NORM: 16 double lanes per part, free in that memory-bound loop),
 // shorter ones (biases, column groups) from a pass over the block's runs (add_sumsq). Adam
 // likewise takes the moments of the polynomial path (group_poly.h) from the update span for
 // in-place parts of kMomentsInSpan elements or more, from a pass for the rest; then every

@@ -26,12 +26,19 @@ struct SgdScalars {
   uint32_t max_mask, wd_mask, first_mask, nesterov_mask, l1_mask, fma_mask;  // all-ones where set
 };
 
+// Lanes [0, W) += lanes [W, 2W): one step of a pairwise sum, W a constant so that it vectorizes.
+template <int W>
+inline void fold_sum(double (&a)[16]) {
+  REGOPTIM_SIMD
+  for (int j = 0; j < W; ++j) a[j] += a[j + W];
+}
+
 // TAIL: on the last numel % (torch's vector width) elements of a tensor torch's kernel runs its
 // scalar loop, where the compiler contracted the momentum update the other way round:
 // fma(b, mu, g * (1 - dampening)) instead of fma(1 - dampening, g, b * mu).
 // NORM: also add the sum of squares of the stored results to *norm_out (the group-lasso step's
-// per-group norms, regoptim/backends/cpu/csrc/group_blocks.h; in double, free in this memory-bound loop); the
-// update itself is the same.
+// per-group norms, group_blocks.h; in 16 double lanes, then pairwise, free in this memory-bound
+// loop); the update itself is the same.
 template <class S, bool SCALE, bool MOM, int MAX, int WD, int FIRST, int NEST, int L1, int TAIL,
           int FM, bool NORM = false>
 void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
@@ -42,7 +49,7 @@ void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
   const uint32_t max_mask = sc.max_mask, wd_mask = sc.wd_mask, first_mask = sc.first_mask,
                  nesterov_mask = sc.nesterov_mask, l1_mask = sc.l1_mask, fm = sc.fma_mask;
   // one element; returns the stored parameter
-  const auto elem = [&](int64_t i) {
+  const auto elem = [&](int64_t i) REGOPTIM_ALWAYS_INLINE {
     float gv = S::ld(g[i]);
     if (SCALE) {
       gv = gv / scale;
@@ -70,13 +77,25 @@ void sgd_span(typename S::T* __restrict p, typename S::T* __restrict g,
     return stored;
   };
   if constexpr (NORM) {
-    double norm = 0.0;
-    REGOPTIM_SIMD_SUM
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = S::ld(elem(i));
-      norm += static_cast<double>(x * x);
+    // 16 double lanes, explicit (GCC does not vectorize this loop as an omp simd reduction)
+    double acc[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      REGOPTIM_SIMD
+      for (int j = 0; j < 16; ++j) {
+        const float x = S::ld(elem(i + j));
+        acc[j] += static_cast<double>(x * x);
+      }
     }
-    *norm_out += norm;
+    for (; i < n; ++i) {
+      const float x = S::ld(elem(i));
+      acc[0] += static_cast<double>(x * x);
+    }
+    fold_sum<8>(acc);
+    fold_sum<4>(acc);
+    fold_sum<2>(acc);
+    fold_sum<1>(acc);
+    *norm_out += acc[0];
   } else {
     REGOPTIM_SIMD
     for (int64_t i = 0; i < n; ++i) elem(i);
