@@ -30,75 +30,49 @@ namespace {
 constexpr double kPolyDelta = 1.0 / 256;
 constexpr int64_t kMomentsChunk = 1024;  // elements summed in float lanes before double
 
-// Lanes [0, W) += lanes [W, 2W) (max for hi): one step of a pairwise reduction, W a constant so
-// that it vectorizes.
-template <int W>
-inline void fold_lanes(double* __restrict a0, double* __restrict a1, double* __restrict a2,
-                       float* __restrict hi) {
-  REGOPTIM_SIMD
-  for (int j = 0; j < W; ++j) {
-    a0[j] += a0[j + W];
-    a1[j] += a1[j + W];
-    a2[j] += a2[j + W];
-    hi[j] = hi[j + W] > hi[j] ? hi[j + W] : hi[j];
-  }
-}
-
 // The moments of group g over its parts not marked moments_done: mo[k * stride] += M_k (k = 0..2),
-// *tmax = max(*tmax, max t). 16 lanes of float terms summed up to 64 deep (kMomentsChunk
-// elements), then in double over all parts; the lanes are reduced pairwise once per group. Their
-// error (< 70 float32 roundings, relative: positive terms) reaches x only through rho, scaled by
-// e <= 2^-8: below 2^-26. A NaN t makes M_1, M_2 NaN (max t ignores it).
+// *tmax = max(*tmax, max t). As the update span sums them (spans.h, add_moments): chunks of up to
+// kMomentsChunk elements in 16 float lanes (64 deep), folded pairwise, then in double over the
+// chunks and parts; the last numel % 16 of a part in double. Their error (< 70 float32
+// roundings, relative: positive terms) reaches x only through rho, scaled by e <= 2^-8: below
+// 2^-26. A NaN t makes M_1, M_2 NaN (max t ignores it).
 template <class S>
 void group_moments(const GroupPart<typename S::T>* parts, int64_t nparts, int64_t g,
                    double* mo, int64_t stride, float* tmax) {
-  double a0[16] = {}, a1[16] = {}, a2[16] = {};
-  double tail0 = 0.0, tail1 = 0.0, tail2 = 0.0;
-  float hi[16] = {};
+  double m0 = 0.0, m1 = 0.0, m2 = 0.0;
+  float hi = *tmax;
   for (int64_t q = 0; q < nparts; ++q) {
     if (parts[q].moments_done) continue;
     const typename S::T* __restrict z = parts[q].z + g * parts[q].stride;
     const float* __restrict t = parts[q].d + g * parts[q].stride;
     const int64_t m = parts[q].len;
     int64_t i = 0;
-    while (m - i >= 16) {  // chunks of up to kMomentsChunk elements, 64 deep per lane
+    while (m - i >= 16) {
       const int64_t end = i + std::min<int64_t>(kMomentsChunk, (m - i) / 16 * 16);
-      float p0[16] = {}, p1[16] = {}, p2[16] = {};
+      float a[4][16] = {};
       for (; i < end; i += 16) {
         REGOPTIM_SIMD
-        for (int j = 0; j < 16; ++j) {
-          const float ti = t[i + j], zi = S::ld(z[i + j]);
-          const float s0 = zi * zi, s1 = s0 * ti;
-          p0[j] += s0;
-          p1[j] += s1;
-          p2[j] += s1 * ti;
-          hi[j] = ti > hi[j] ? ti : hi[j];
-        }
+        for (int j = 0; j < 16; ++j) add_moments(a, j, S::ld(z[i + j]), t[i + j]);
       }
-      REGOPTIM_SIMD
-      for (int j = 0; j < 16; ++j) {
-        a0[j] += p0[j];
-        a1[j] += p1[j];
-        a2[j] += p2[j];
-      }
+      fold_moments(a);
+      m0 += a[0][0];
+      m1 += a[1][0];
+      m2 += a[2][0];
+      hi = a[3][0] > hi ? a[3][0] : hi;
     }
     for (; i < m; ++i) {
       const float ti = t[i], zi = S::ld(z[i]);
       const float s0 = zi * zi, s1 = s0 * ti;
-      tail0 += static_cast<double>(s0);
-      tail1 += static_cast<double>(s1);
-      tail2 += static_cast<double>(s1 * ti);
-      hi[0] = ti > hi[0] ? ti : hi[0];
+      m0 += static_cast<double>(s0);
+      m1 += static_cast<double>(s1);
+      m2 += static_cast<double>(s1 * ti);
+      hi = ti > hi ? ti : hi;
     }
   }
-  fold_lanes<8>(a0, a1, a2, hi);
-  fold_lanes<4>(a0, a1, a2, hi);
-  fold_lanes<2>(a0, a1, a2, hi);
-  fold_lanes<1>(a0, a1, a2, hi);
-  mo[0] += a0[0] + tail0;
-  mo[stride] += a1[0] + tail1;
-  mo[2 * stride] += a2[0] + tail2;
-  *tmax = hi[0] > *tmax ? hi[0] : *tmax;
+  mo[0] += m0;
+  mo[stride] += m1;
+  mo[2 * stride] += m2;
+  *tmax = hi;
 }
 
 // For each of nb groups (moments as group_moments wrote them, stride nb): ce = c / rho when the

@@ -133,9 +133,21 @@ struct MomentsOut {
   float* out;
   int64_t seg, phase;
 };
-// Lanes [0, W) of three sums += lanes [W, 2W), of a max <- the max: one pairwise step.
+// The polynomial path's moments in 16 float lanes (explicit: omp's max reduction does not
+// vectorize), shared by this span and the moments pass (group_poly.h): lane j of a[0..2] +=
+// z^2, z^2 t, z^2 t^2, a[3] <- max(a[3], t).
+inline void add_moments(float (&a)[4][16], int j, float z, float t) {
+  const float q = z * z, qt = q * t;
+  a[0][j] += q;
+  a[1][j] += qt;
+  a[2][j] += qt * t;
+  a[3][j] = t > a[3][j] ? t : a[3][j];
+}
+
+// Lanes [0, W) of three sums += lanes [W, 2W), of a max <- the max: one pairwise step, W a
+// constant so that it vectorizes.
 template <int W>
-inline void fold_moments(float (&a)[4][16]) {
+inline void fold_step(float (&a)[4][16]) {
   REGOPTIM_SIMD
   for (int j = 0; j < W; ++j) {
     a[0][j] += a[0][j + W];
@@ -143,6 +155,14 @@ inline void fold_moments(float (&a)[4][16]) {
     a[2][j] += a[2][j + W];
     a[3][j] = a[3][j + W] > a[3][j] ? a[3][j + W] : a[3][j];
   }
+}
+
+// The 16 lanes of add_moments into lane 0, pairwise.
+inline void fold_moments(float (&a)[4][16]) {
+  fold_step<8>(a);
+  fold_step<4>(a);
+  fold_step<2>(a);
+  fold_step<1>(a);
 }
 
 template <class S, bool SCALE, bool AMS, bool L1, int MAX, int WD, int SMALL, int TAIL, int FM,
@@ -202,33 +222,21 @@ void adam_span(typename S::T* __restrict p, typename S::T* __restrict g,
     int64_t i = 0;
     for (int64_t end = std::min(n, mom_out->seg - mom_out->phase); i < n;
          end = std::min(n, end + mom_out->seg), o += 4) {
-      // 16 float lanes (explicit: omp's max reduction does not vectorize), then folded
       float a[4][16] = {};
       for (; i + 16 <= end; i += 16) {
         REGOPTIM_SIMD
         for (int j = 0; j < 16; ++j) {
           float t;
           const float z = elem(i + j, t);
-          const float q = z * z, qt = q * t;
-          a[0][j] += q;
-          a[1][j] += qt;
-          a[2][j] += qt * t;
-          a[3][j] = t > a[3][j] ? t : a[3][j];
+          add_moments(a, j, z, t);
         }
       }
       for (; i < end; ++i) {
         float t;
         const float z = elem(i, t);
-        const float q = z * z, qt = q * t;
-        a[0][0] += q;
-        a[1][0] += qt;
-        a[2][0] += qt * t;
-        a[3][0] = t > a[3][0] ? t : a[3][0];
+        add_moments(a, 0, z, t);
       }
-      fold_moments<8>(a);
-      fold_moments<4>(a);
-      fold_moments<2>(a);
-      fold_moments<1>(a);
+      fold_moments(a);
       o[0] += a[0][0];
       o[1] += a[1][0];
       o[2] += a[2][0];
