@@ -198,10 +198,38 @@ void adam_run(int64_t n, const int64_t* ps, const int64_t* gs, const int64_t* ms
 #else
 #define REGOPTIM_SOFT_FMA 0
 #endif
+// The all-runtime kernels of a family, FMA at run time (kRuntime) or compiled out (kOff).
+template <class S, int FM, class Drive>
+void sgd_generic(bool scale, bool mom, const int64_t* ps, const int64_t* gs, const int64_t* bs,
+                 const SgdScalars& sc, const Drive& drive) {
+  constexpr int R = kRuntime;
+  if (scale && mom) sgd_run<S, true, true, R, R, R, R, R, FM>(ps, gs, bs, sc, drive);
+  else if (scale) sgd_run<S, true, false, R, R, R, R, R, FM>(ps, gs, bs, sc, drive);
+  else if (mom) sgd_run<S, false, true, R, R, R, R, R, FM>(ps, gs, bs, sc, drive);
+  else sgd_run<S, false, false, R, R, R, R, R, FM>(ps, gs, bs, sc, drive);
+}
+
+template <class S, bool DEN, int FM, class Drive>
+void adam_generic(int key, int64_t n, const int64_t* ps, const int64_t* gs, const int64_t* ms,
+                  const int64_t* vs, const int64_t* vmaxs, const float* nss, const float* b2s,
+                  const AdamScalars& sc, const Drive& drive) {
+  constexpr int R = kRuntime;
+#define REGOPTIM_ADAM_CASE(K)                                                              \
+  case K:                                                                                  \
+    adam_run<S, DEN, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R, FM>(                  \
+        n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);                                    \
+    break;
+  switch (key) {
+    REGOPTIM_ADAM_CASE(0) REGOPTIM_ADAM_CASE(1) REGOPTIM_ADAM_CASE(2) REGOPTIM_ADAM_CASE(3)
+    REGOPTIM_ADAM_CASE(4) REGOPTIM_ADAM_CASE(5) REGOPTIM_ADAM_CASE(6) REGOPTIM_ADAM_CASE(7)
+    default: break;
+  }
+#undef REGOPTIM_ADAM_CASE
+}
+
 template <class S, class Drive>
 void sgd_dispatch(int flags, const int64_t* ps, const int64_t* gs, const int64_t* bs,
                   const SgdScalars& sc, const Drive& drive) {
-  constexpr int R = kRuntime;
   const bool scale = (flags & kHasScale) != 0, mom = (flags & kMomentum) != 0;
   const bool lean = !std::is_same<S, F16>::value &&
                     !(flags & (kHasScale | kMaximize | kFirstStep | kNesterov | kNoFma));
@@ -221,24 +249,17 @@ void sgd_dispatch(int flags, const int64_t* ps, const int64_t* gs, const int64_t
   }
 #if REGOPTIM_SOFT_FMA
   if (flags & kNoFma) {  // no FMA compiled in at all (torch's tails aside)
-    if (scale && mom) sgd_run<S, true, true, R, R, R, R, R, kOff>(ps, gs, bs, sc, drive);
-    else if (scale) sgd_run<S, true, false, R, R, R, R, R, kOff>(ps, gs, bs, sc, drive);
-    else if (mom) sgd_run<S, false, true, R, R, R, R, R, kOff>(ps, gs, bs, sc, drive);
-    else sgd_run<S, false, false, R, R, R, R, R, kOff>(ps, gs, bs, sc, drive);
+    sgd_generic<S, kOff>(scale, mom, ps, gs, bs, sc, drive);
     return;
   }
 #endif
-  if (scale && mom) sgd_run<S, true, true, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
-  else if (scale) sgd_run<S, true, false, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
-  else if (mom) sgd_run<S, false, true, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
-  else sgd_run<S, false, false, R, R, R, R, R, R>(ps, gs, bs, sc, drive);
+  sgd_generic<S, kRuntime>(scale, mom, ps, gs, bs, sc, drive);
 }
 
 template <class S, bool DEN, class Drive>
 void adam_dispatch(int flags, int64_t n, const int64_t* ps, const int64_t* gs,
                    const int64_t* ms, const int64_t* vs, const int64_t* vmaxs, const float* nss,
                    const float* b2s, const AdamScalars& sc, const Drive& drive) {
-  constexpr int R = kRuntime;
   const bool lean = !std::is_same<S, F16>::value && !(flags & (kHasScale | kMaximize | kAmsgrad | kNoFma)) &&
                     sc.small_mask != 0;
   if (lean) {
@@ -256,32 +277,13 @@ void adam_dispatch(int flags, int64_t n, const int64_t* ps, const int64_t* gs,
   }
   const int key = ((flags & kHasScale) ? 4 : 0) | ((flags & kAmsgrad) ? 2 : 0) |
                   ((flags & kL1) ? 1 : 0);
-#define REGOPTIM_ADAM_CASE(K)                                                              \
-  case K:                                                                                  \
-    adam_run<S, DEN, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R, R>(                   \
-        n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);                                    \
-    break;
 #if REGOPTIM_SOFT_FMA
-#define REGOPTIM_ADAM_NOFMA(K)                                                             \
-  case K:                                                                                  \
-    adam_run<S, DEN, (K & 4) != 0, (K & 2) != 0, (K & 1) != 0, R, R, R, kOff>(                \
-        n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);                                    \
-    return;
   if (flags & kNoFma) {  // no FMA compiled in at all (torch's tails aside)
-    switch (key) {
-      REGOPTIM_ADAM_NOFMA(0) REGOPTIM_ADAM_NOFMA(1) REGOPTIM_ADAM_NOFMA(2) REGOPTIM_ADAM_NOFMA(3)
-      REGOPTIM_ADAM_NOFMA(4) REGOPTIM_ADAM_NOFMA(5) REGOPTIM_ADAM_NOFMA(6) REGOPTIM_ADAM_NOFMA(7)
-      default: break;
-    }
+    adam_generic<S, DEN, kOff>(key, n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);
+    return;
   }
-#undef REGOPTIM_ADAM_NOFMA
 #endif
-  switch (key) {
-    REGOPTIM_ADAM_CASE(0) REGOPTIM_ADAM_CASE(1) REGOPTIM_ADAM_CASE(2) REGOPTIM_ADAM_CASE(3)
-    REGOPTIM_ADAM_CASE(4) REGOPTIM_ADAM_CASE(5) REGOPTIM_ADAM_CASE(6) REGOPTIM_ADAM_CASE(7)
-    default: break;
-  }
-#undef REGOPTIM_ADAM_CASE
+  adam_generic<S, DEN, kRuntime>(key, n, ps, gs, ms, vs, vmaxs, nss, b2s, sc, drive);
 }
 
 // ---------------------------------------------------------------------------------------------
